@@ -1,0 +1,75 @@
+"""asyncio glue for NMS: UDP sockets in, ``NmsCore`` decides, UDP out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from cyphonic.errors import CyphonicError
+from cyphonic.nms.core import NmsCore, Outgoing
+from cyphonic.wire.signaling import Endpoint, format_endpoint
+
+log = logging.getLogger(__name__)
+TICK = 0.05
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, server: NmsServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.server.send(self.server.core.handle(data, (addr[0], addr[1]), time.time()))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("NMS socket error: %s", exc)
+
+
+class NmsServer:
+    def __init__(self, core: NmsCore) -> None:
+        self.core = core
+        self.transports: dict[int, asyncio.DatagramTransport] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self, listen: list[Endpoint]) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                raise CyphonicError(
+                    f"NMS cannot listen on {format_endpoint((host, port))}: {exc.strerror}"
+                ) from exc
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
+            self.transports[6 if family == socket.AF_INET6 else 4] = transport
+            log.info("NMS listening on udp %s", format_endpoint((host, port)))
+        self._ticker = asyncio.create_task(self._tick())
+
+    def send(self, out: list[Outgoing]) -> None:
+        for o in out:
+            t = self.transports.get(6 if ":" in o.addr[0] else 4)
+            if t is not None:
+                t.sendto(o.data, o.addr)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.send(self.core.tick(time.time()))
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        self.core.flush_marks(time.time())
+        for t in self.transports.values():
+            t.close()

@@ -1,0 +1,617 @@
+"""The node daemon: AS login, NMS registration, resolver, tunnels, data plane.
+
+Data path (nebula-style direction split):
+
+* inside  (TUN -> UDP): read an IP packet, find the peer by destination VIP,
+  encrypt with the peer's current End Key, send to the peer's endpoint;
+* outside (UDP -> TUN): dispatch on the first byte (signaling, Tunnel Request,
+  Tunnel Response, data), decrypt, check the inner source is the peer's VIP,
+  write to the TUN.
+
+Both sides drain their file descriptor non-blockingly on each wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+
+from cyphonic.auth.client import login
+from cyphonic.config import NodeConfig
+from cyphonic.crypto.channel import SignalingChannel
+from cyphonic.dataplane.session import Initiator, Keypair, generate_index, respond
+from cyphonic.dataplane.tun import LinuxTun, TunDevice
+from cyphonic.errors import (
+    ConfigError,
+    CryptoError,
+    CyphonicError,
+    DecodeError,
+    RequestTimeout,
+    SignalingError,
+)
+from cyphonic.netlink import LinuxNetlink, Netlink
+from cyphonic.node.peers import Peer
+from cyphonic.node.resolver import CyphonicResolver, LookupResult, LookupStatus
+from cyphonic.node.signaling import SignalingClient, cancel, is_fatal
+from cyphonic.pki.ca import load_ca_certificate, verify_node_certificate
+from cyphonic.pki.node_keys import load_node_keys
+from cyphonic.wire import signaling as sig
+from cyphonic.wire.signaling import Endpoint, ErrorCode, Path, Reason, Role, format_endpoint
+from cyphonic.wire.tunnel import PacketType
+
+log = logging.getLogger(__name__)
+
+DRAIN = 64
+HANDSHAKE_RETRY = (0.2, 0.4, 0.8, 1.6)
+TIMER = 0.5
+SOCKBUF = 4 * 1024 * 1024
+
+
+@dataclass
+class Counters:
+    malformed: int = 0
+    unknown_index: int = 0
+    auth_failed: int = 0
+    replayed: int = 0
+    spoofed: int = 0
+    no_route: int = 0
+    handshake_failed: int = 0
+    tun_errors: int = 0
+    send_errors: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class NodeDaemon:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        *,
+        netlink: Netlink | None = None,
+        tun_factory: Callable[[str], TunDevice] = LinuxTun,
+    ) -> None:
+        self.cfg = cfg
+        self.netlink = netlink or LinuxNetlink()
+        self.tun_factory = tun_factory
+        self.keys = load_node_keys(cfg.state_dir)
+        self.ca_cert: x509.Certificate = load_ca_certificate(cfg.ca_cert)
+        cert = cfg.state_dir / "node.crt"
+        if not cert.exists():
+            raise ConfigError(
+                f"{cfg.path}: [node] state_dir: no certificate at {cert}; run `cyphonic enroll` first"
+            )
+        self.counters = Counters()
+        self.peers: dict[str, Peer] = {}
+        self.by_vip: dict[bytes, Peer] = {}
+        self.by_session: dict[bytes, Peer] = {}
+        self.by_index: dict[int, tuple[Peer, Keypair]] = {}
+        self.pending_index: dict[int, Peer] = {}
+        self.lookups: dict[str, asyncio.Task[Peer]] = {}
+        self.socks: dict[int, socket.socket] = {}
+        self.tun: TunDevice | None = None
+        self.login_result: Any = None
+        self.client: SignalingClient | None = None
+        self.registered = False
+        self.observed: dict[int, Endpoint] = {}
+        self.started = time.time()
+        self.resolver: CyphonicResolver | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._relogin = asyncio.Event()
+        self.vip4 = ""
+        self.vip6 = ""
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._login(forever=True)
+        lr = self.login_result
+        self.tun = self.tun_factory(self.cfg.tun_name)
+        self.netlink.configure_tun(
+            self.tun.name, self.cfg.mtu, self.vip4, ipaddress.IPv4Network(lr.vip4_pool),
+            self.vip6, ipaddress.IPv6Network(lr.vip6_pool),
+        )
+        self._open_sockets()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.tun.fileno(), self._tun_readable)
+        self.resolver = CyphonicResolver(
+            self.cfg.domain, self._lookup, self.cfg.resolver_upstream,
+            ttl=self.cfg.resolver_ttl, lookup_timeout=self.cfg.lookup_timeout,
+        )
+        await self.resolver.start(self.cfg.resolver_listen)
+        await self._register()
+        self._tasks = [
+            asyncio.create_task(self._keepalive_loop()),
+            asyncio.create_task(self._timer_loop()),
+        ]
+        log.info("node %s up: VIPs %s %s on %s", self.cfg.fqdn, self.vip4, self.vip6, self.tun.name)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            await cancel(t)
+        for t in list(self.lookups.values()):
+            t.cancel()
+        if self.resolver:
+            await self.resolver.stop()
+        loop = asyncio.get_running_loop()
+        for s in self.socks.values():
+            loop.remove_reader(s.fileno())
+            s.close()
+        if self.tun:
+            loop.remove_reader(self.tun.fileno())
+            self.tun.close()
+
+    async def _login(self, forever: bool) -> None:
+        delay = 1.0
+        while True:
+            try:
+                lr = await login(
+                    self.cfg.as_host, self.cfg.as_port, self.cfg.ca_cert, self.cfg.state_dir,
+                    self.cfg.fqdn, self.cfg.domain,
+                )
+                break
+            except CyphonicError as exc:
+                if not forever:
+                    raise
+                log.warning("login to AS failed (retrying in %.0f s): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.login_result = lr
+        self.vip4, self.vip6 = str(lr.vip4), str(lr.vip6)
+        channel = SignalingChannel(lr.key_id, lr.common_key, sig.Direction.TO_NMS)
+        if self.client is None:
+            self.client = SignalingClient(channel, self._send, self._on_push)
+        else:
+            self.client.channel = channel
+        self.nms = [sig.parse_endpoint(e) for e in lr.nms_endpoints]
+        log.info("logged in to AS as %s (node %d)", lr.fqdn, lr.node_id)
+
+    def _open_sockets(self) -> None:
+        loop = asyncio.get_running_loop()
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                s.setsockopt(socket.SOL_SOCKET, opt, SOCKBUF)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((host, self.cfg.port))
+            except OSError as exc:
+                s.close()
+                if family == socket.AF_INET6 and exc.errno == 97:
+                    continue  # no IPv6 on this host
+                raise CyphonicError(f"cannot bind udp port {self.cfg.port}: {exc.strerror}") from exc
+            s.setblocking(False)
+            fam = 6 if family == socket.AF_INET6 else 4
+            self.socks[fam] = s
+            loop.add_reader(s.fileno(), self._sock_readable, s)
+
+    def _send(self, data: bytes, dst: Endpoint) -> None:
+        s = self.socks.get(6 if ":" in dst[0] else 4)
+        if s is None:
+            self.counters.send_errors += 1
+            return
+        try:
+            s.sendto(data, dst)
+        except OSError:
+            self.counters.send_errors += 1
+
+    # -- NMS signaling ----------------------------------------------------------------
+
+    def _nms_targets(self) -> list[Endpoint]:
+        return [ep for ep in self.nms if (6 if ":" in ep[0] else 4) in self.socks]
+
+    async def _register(self) -> None:
+        """Register over every address family NMS and this node share."""
+        assert self.client is not None
+        while True:
+            addrs = tuple(self.netlink.real_addresses({self.cfg.tun_name}))
+            ok = False
+            for target in self._nms_targets():
+                msg = sig.Registration(self.client.next_txid(), addrs, self.cfg.port)
+                try:
+                    ack = await self.client.request(msg, target, timeout=5.0)
+                except SignalingError as exc:
+                    if is_fatal(exc):
+                        await self._login(forever=True)
+                    log.warning("registration refused by %s: %s", format_endpoint(target), exc)
+                    continue
+                except RequestTimeout as exc:
+                    log.warning("registration: %s", exc)
+                    continue
+                assert isinstance(ack, sig.RegistrationAck)
+                fam = 6 if ":" in target[0] else 4
+                self.observed[fam] = ack.observed
+                self.keepalive_interval = ack.keepalive_interval
+                ok = True
+            if ok:
+                self.registered = True
+                self.addresses = addrs
+                log.info("registered with NMS (observed %s)",
+                         ", ".join(format_endpoint(e) for e in self.observed.values()))
+                return
+            self.registered = False
+            await asyncio.sleep(2.0)
+
+    async def _keepalive_loop(self) -> None:
+        assert self.client is not None
+        failures = 0
+        while True:
+            await asyncio.sleep(getattr(self, "keepalive_interval", 20))
+            lr = self.login_result
+            try:
+                if lr.key_expires_at - time.time() < 60:
+                    raise SignalingError(ErrorCode.UNKNOWN_KEY, "common key about to expire")
+                if tuple(self.netlink.real_addresses({self.cfg.tun_name})) != self.addresses:
+                    await self._register()
+                    continue
+                for target in self._nms_targets():
+                    ack = await self.client.request(
+                        sig.KeepAlive(self.client.next_txid()), target, timeout=3.0
+                    )
+                    assert isinstance(ack, sig.KeepAliveAck)
+                    self.observed[6 if ":" in target[0] else 4] = ack.observed
+                failures = 0
+            except SignalingError as exc:
+                log.info("NMS: %s; logging in again", exc)
+                await self._login(forever=True)
+                await self._register()
+            except RequestTimeout as exc:
+                failures += 1
+                log.warning("keepalive: %s", exc)
+                if failures >= 3:
+                    self.registered = False
+                    await self._login(forever=True)
+                    await self._register()
+                    failures = 0
+
+    def _on_push(self, msg: sig.Message, src: Endpoint) -> sig.Message | None:
+        """A Route Direction to this node as CN: prepare the peer, then confirm."""
+        if not isinstance(msg, sig.RouteDirection):
+            return None
+        try:
+            self._install_peer(msg)
+        except CyphonicError as exc:
+            log.warning("route direction for %s refused: %s", msg.peer_fqdn, exc)
+            return None
+        return sig.Confirmation(msg.txid, msg.session_id)
+
+    def _install_peer(self, rd: sig.RouteDirection) -> Peer:
+        ident = verify_node_certificate(self.ca_cert, rd.peer_cert, time.time(), rd.peer_fqdn)
+        if ident.fqdn != rd.peer_fqdn or rd.peer_vip4 == self.vip4:
+            raise CryptoError("route direction does not match the peer certificate")
+        old = self.peers.get(rd.peer_fqdn)
+        if old is not None and old.session_id == rd.session_id:
+            return old  # retransmitted Route Direction
+        peer = Peer(
+            fqdn=rd.peer_fqdn, vip4=rd.peer_vip4, vip6=rd.peer_vip6,
+            static_pub=ident.x25519_public, session_id=rd.session_id, psk=rd.tunnel_key,
+            role=Role(rd.role), path=Path(rd.path), reason=Reason(rd.reason),
+            endpoints=rd.endpoints, endpoint=rd.endpoints[0] if rd.endpoints else None,
+        )
+        if old is not None:
+            # keep the tunnel that works until the new handshake replaces it
+            peer.current, peer.previous, peer.next = old.current, old.previous, old.next
+            peer.rx_bytes, peer.tx_bytes = old.rx_bytes, old.tx_bytes
+            peer.rx_packets, peer.tx_packets = old.rx_packets, old.tx_packets
+            peer.last_init_timestamp = old.last_init_timestamp
+            peer.last_handshake = old.last_handshake
+            for kp in old.keypairs():
+                self.by_index[kp.local_index] = (peer, kp)
+            if old.current is not None:
+                peer.ready.set()
+            self.by_session.pop(old.session_id, None)
+        self.peers[peer.fqdn] = peer
+        self.by_session[peer.session_id] = peer
+        self.by_vip[peer.vip4_packed] = peer
+        self.by_vip[peer.vip6_packed] = peer
+        return peer
+
+    # -- resolver hook: route selection + tunnel establishment --------------------------
+
+    async def _lookup(self, fqdn: str, want: int) -> LookupResult:
+        fqdn = fqdn.lower().rstrip(".")
+        if fqdn == self.cfg.fqdn:
+            return LookupResult(LookupStatus.OK, (self.vip4 if want == 4 else self.vip6,))
+        peer = self.peers.get(fqdn)
+        if peer is None or peer.current is None:
+            task = self.lookups.get(fqdn)
+            if task is None:
+                task = asyncio.create_task(self._establish(fqdn))
+                self.lookups[fqdn] = task
+                task.add_done_callback(lambda _t, f=fqdn: self.lookups.pop(f, None))
+            try:
+                peer = await asyncio.shield(task)
+            except SignalingError as exc:
+                if exc.code in (ErrorCode.UNKNOWN_FQDN, ErrorCode.NOT_AUTHORIZED):
+                    return LookupResult(LookupStatus.NXDOMAIN, ())
+                log.warning("route selection for %s failed: %s", fqdn, exc)
+                return LookupResult(LookupStatus.SERVFAIL, ())
+            except (CyphonicError, TimeoutError) as exc:
+                log.warning("tunnel to %s not established: %s", fqdn, exc)
+                return LookupResult(LookupStatus.SERVFAIL, ())
+        return LookupResult(LookupStatus.OK, (peer.vip4 if want == 4 else peer.vip6,))
+
+    async def _establish(self, fqdn: str) -> Peer:
+        assert self.client is not None
+        targets = self._nms_targets()
+        if not targets or not self.registered:
+            raise CyphonicError("not registered with NMS")
+        t0 = time.perf_counter()
+        rd = await self.client.request(
+            sig.DirectionRequest(self.client.next_txid(), fqdn), targets[0],
+            timeout=self.cfg.lookup_timeout,
+        )
+        if not isinstance(rd, sig.RouteDirection):
+            raise CyphonicError(f"unexpected answer {type(rd).__name__} from NMS")
+        route_ms = (time.perf_counter() - t0) * 1000
+        peer = self._install_peer(rd)
+        peer.route_selection_ms = route_ms
+        if peer.current is None or peer.role == Role.INITIATOR:
+            peer.ready.clear()
+            self._start_handshake(peer, time.monotonic())
+            await asyncio.wait_for(peer.ready.wait(), self.cfg.handshake_timeout)
+        return peer
+
+    # -- Tunnel Request / Tunnel Response (Noise IKpsk2) --------------------------------
+
+    def _start_handshake(self, peer: Peer, now: float) -> None:
+        if peer.endpoint is None:
+            return
+        if peer.initiator is not None:
+            self.pending_index.pop(peer.initiator.local_index, None)
+        else:
+            peer.handshake_started = now
+            peer.handshake_attempt = 0
+        index = generate_index()
+        peer.initiator = Initiator(
+            self.keys.x25519_key, peer.static_pub, peer.psk, peer.session_id, index, now
+        )
+        peer.handshake_sent = time.perf_counter()  # type: ignore[attr-defined]
+        self.pending_index[index] = peer
+        self._send(peer.initiator.create_init(), peer.endpoint)
+
+    def _handshake_init(self, data: bytes, src: Endpoint, now: float) -> None:
+        def lookup(session_id: bytes) -> tuple[bytes, bytes, bytes | None] | None:
+            p = self.by_session.get(session_id)
+            return (p.psk, p.static_pub, p.last_init_timestamp) if p else None
+
+        index = generate_index()
+        try:
+            resp, kp, _static, timestamp = respond(data, self.keys.x25519_key, lookup, index, now)
+        except (CryptoError, DecodeError) as exc:
+            self.counters.handshake_failed += 1
+            log.debug("tunnel request from %s refused: %s", format_endpoint(src), exc)
+            return
+        peer = self.by_session[data[8:16]]
+        peer.last_init_timestamp = timestamp
+        peer.endpoint = src
+        if peer.next is not None:
+            self.by_index.pop(peer.next.local_index, None)
+        peer.next = kp
+        self.by_index[index] = (peer, kp)
+        self._send(resp, src)
+
+    def _handshake_resp(self, data: bytes, src: Endpoint, now: float) -> None:
+        try:
+            receiver = int.from_bytes(data[8:12], "big")
+        except (IndexError, ValueError):
+            self.counters.malformed += 1
+            return
+        peer = self.pending_index.get(receiver)
+        if peer is None or peer.initiator is None:
+            self.counters.unknown_index += 1
+            return
+        try:
+            kp = peer.initiator.consume_response(data, now)
+        except (CryptoError, DecodeError) as exc:
+            self.counters.handshake_failed += 1
+            log.debug("tunnel response from %s refused: %s", format_endpoint(src), exc)
+            return
+        sent = getattr(peer, "handshake_sent", None)
+        if sent is not None and peer.tunnel_establishment_ms is None:
+            peer.tunnel_establishment_ms = (time.perf_counter() - sent) * 1000
+        del self.pending_index[receiver]
+        peer.initiator = None
+        peer.endpoint = src
+        self._promote(peer, kp)
+        # confirm the keys to the responder at once (an empty data packet)
+        self._send_packet(peer, b"")
+
+    def _promote(self, peer: Peer, kp: Keypair) -> None:
+        if peer.previous is not None and peer.previous is not kp:
+            self.by_index.pop(peer.previous.local_index, None)
+        peer.previous = peer.current
+        peer.current = kp
+        if peer.next is kp:
+            peer.next = None
+        self.by_index[kp.local_index] = (peer, kp)
+        peer.last_handshake = time.time()
+        peer.ready.set()
+        while peer.queue:
+            self._send_packet(peer, peer.queue.popleft())
+
+    # -- data plane ---------------------------------------------------------------------
+
+    def _send_packet(self, peer: Peer, packet: bytes) -> None:
+        kp = peer.current
+        if kp is None or peer.endpoint is None or kp.expired(time.monotonic()):
+            peer.queue.append(packet)
+            if peer.initiator is None and peer.endpoint is not None:
+                self._start_handshake(peer, time.monotonic())
+            return
+        try:
+            data = kp.encrypt(packet)
+        except CryptoError:
+            peer.queue.append(packet)
+            self._start_handshake(peer, time.monotonic())
+            return
+        self._send(data, peer.endpoint)
+        if packet:
+            peer.tx_bytes += len(packet)
+            peer.tx_packets += 1
+
+    def _tun_readable(self) -> None:
+        assert self.tun is not None
+        for _ in range(DRAIN):
+            try:
+                pkt = self.tun.read()
+            except OSError:
+                self.counters.tun_errors += 1
+                return
+            if pkt is None:
+                return
+            version = pkt[0] >> 4 if pkt else 0
+            if version == 4:
+                dst = pkt[16:20]
+            elif version == 6:
+                dst = pkt[24:40]
+            else:
+                continue
+            peer = self.by_vip.get(dst)
+            if peer is None:
+                self.counters.no_route += 1
+                continue
+            self._send_packet(peer, pkt)
+
+    def _sock_readable(self, s: socket.socket) -> None:
+        now = time.monotonic()
+        for _ in range(DRAIN):
+            try:
+                data, addr = s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters.send_errors += 1  # ICMP errors surface here (ECONNREFUSED)
+                continue
+            src = (addr[0], addr[1])
+            if not data:
+                self.counters.malformed += 1
+                continue
+            kind = data[0]
+            try:
+                if kind == PacketType.DATA:
+                    self._data(data, src, now)
+                elif kind == PacketType.SIGNALING:
+                    if self.client is not None:
+                        self.client.datagram_received(data, src)
+                elif kind == PacketType.HANDSHAKE_INIT:
+                    self._handshake_init(data, src, now)
+                elif kind == PacketType.HANDSHAKE_RESP:
+                    self._handshake_resp(data, src, now)
+                else:
+                    self.counters.malformed += 1
+            except Exception:  # a bug must never take the node down
+                self.counters.malformed += 1
+                log.exception("unexpected error handling a datagram from %s", format_endpoint(src))
+
+    def _data(self, data: bytes, src: Endpoint, now: float) -> None:
+        if len(data) < 32:
+            self.counters.malformed += 1
+            return
+        entry = self.by_index.get(int.from_bytes(data[4:8], "big"))
+        if entry is None:
+            self.counters.unknown_index += 1
+            return
+        peer, kp = entry
+        try:
+            pkt = kp.decrypt(data)
+        except CryptoError as exc:
+            if "replay" in type(exc).__name__.lower() or "replay" in str(exc):
+                self.counters.replayed += 1
+            else:
+                self.counters.auth_failed += 1
+            return
+        if kp is peer.next:
+            self._promote(peer, kp)
+        if peer.endpoint != src:
+            log.info("peer %s moved to %s", peer.fqdn, format_endpoint(src))
+            peer.endpoint = src  # roaming: authenticated data from a new address
+        if not pkt:
+            return  # keepalive
+        version = pkt[0] >> 4
+        if version == 4:
+            ok = pkt[12:16] == peer.vip4_packed
+        elif version == 6:
+            ok = pkt[8:24] == peer.vip6_packed
+        else:
+            ok = False
+        if not ok:
+            self.counters.spoofed += 1
+            return
+        peer.rx_bytes += len(pkt)
+        peer.rx_packets += 1
+        assert self.tun is not None
+        try:
+            self.tun.write(pkt)
+        except CyphonicError:
+            self.counters.tun_errors += 1
+
+    # -- timers -------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TIMER)
+            now = time.monotonic()
+            for peer in list(self.peers.values()):
+                self._peer_timers(peer, now)
+
+    def _peer_timers(self, peer: Peer, now: float) -> None:
+        if peer.initiator is not None:
+            elapsed = now - peer.handshake_started
+            if elapsed > self.cfg.handshake_timeout:
+                self.pending_index.pop(peer.initiator.local_index, None)
+                peer.initiator = None
+                peer.queue.clear()
+                log.warning("tunnel handshake with %s timed out", peer.fqdn)
+                return
+            due = sum(HANDSHAKE_RETRY[: peer.handshake_attempt + 1])
+            if elapsed >= due:
+                peer.handshake_attempt += 1
+                self._start_handshake(peer, now)
+            return
+        kp = peer.current
+        if kp is None:
+            return
+        if peer.role == Role.INITIATOR and kp.needs_rekey(now):
+            self._start_handshake(peer, now)
+        for old in (peer.previous,):
+            if old is not None and old.expired(now):
+                self.by_index.pop(old.local_index, None)
+                peer.previous = None
+        if kp.expired(now):
+            self.by_index.pop(kp.local_index, None)
+            peer.current = None
+            peer.ready.clear()
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        lr = self.login_result
+        return {
+            "role": "node",
+            "fqdn": self.cfg.fqdn,
+            "node_id": lr.node_id if lr else None,
+            "vip4": self.vip4,
+            "vip6": self.vip6,
+            "registered": self.registered,
+            "nms": [format_endpoint(e) for e in getattr(self, "nms", [])],
+            "observed": {str(k): format_endpoint(v) for k, v in self.observed.items()},
+            "tun": self.tun.name if self.tun else None,
+            "uptime": round(time.time() - self.started, 1),
+            "peers": [p.status() for p in self.peers.values()],
+            "counters": {
+                **{k: v for k, v in vars(self.counters).items() if k != "extra"},
+                "signaling": dict(self.client.counters) if self.client else {},
+                "resolver": dict(self.resolver.counters) if self.resolver else {},
+            },
+            "pid": os.getpid(),
+        }

@@ -1,0 +1,75 @@
+"""Per-peer state of a node: identity, path, keys and counters (plain data)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from cyphonic.dataplane.session import Initiator, Keypair
+from cyphonic.wire.signaling import Endpoint, Path, Reason, Role, format_endpoint
+
+MAX_QUEUED = 32
+
+
+@dataclass
+class Peer:
+    fqdn: str
+    vip4: str
+    vip6: str
+    static_pub: bytes  # the peer's X25519 key, taken from its verified certificate
+    session_id: bytes
+    psk: bytes  # the Tunnel Key from NMS
+    role: Role
+    path: Path
+    reason: Reason
+    endpoints: tuple[Endpoint, ...]
+    endpoint: Endpoint | None = None
+    current: Keypair | None = None
+    previous: Keypair | None = None
+    next: Keypair | None = None  # responder side, until the initiator's first data confirms it
+    initiator: Initiator | None = None
+    handshake_started: float = 0.0
+    handshake_attempt: int = 0
+    last_init_timestamp: bytes | None = None
+    last_handshake: float | None = None  # wall clock, for status
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
+    route_selection_ms: float | None = None
+    tunnel_establishment_ms: float | None = None
+    queue: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_QUEUED))
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def vip4_packed(self) -> bytes:
+        return ipaddress.IPv4Address(self.vip4).packed
+
+    @property
+    def vip6_packed(self) -> bytes:
+        return ipaddress.IPv6Address(self.vip6).packed
+
+    def keypairs(self) -> list[Keypair]:
+        return [kp for kp in (self.current, self.next, self.previous) if kp is not None]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "fqdn": self.fqdn,
+            "vip4": self.vip4,
+            "vip6": self.vip6,
+            "path": self.path.name.lower(),
+            "reason": self.reason.name.lower(),
+            "role": self.role.name.lower(),
+            "endpoint": format_endpoint(self.endpoint) if self.endpoint else None,
+            "established": self.current is not None,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "tx_packets": self.tx_packets,
+            "last_handshake": self.last_handshake,
+            "route_selection_ms": self.route_selection_ms,
+            "tunnel_establishment_ms": self.tunnel_establishment_ms,
+        }
