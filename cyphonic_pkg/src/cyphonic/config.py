@@ -58,8 +58,8 @@ class _Table:
 
     def conv(self, key: str, typ: type[Any], fn: Callable[[Any], T], default: Any = _REQUIRED) -> T:
         raw = self.get(key, typ, default)
-        if raw is default and default is not _REQUIRED:
-            return raw  # type: ignore[no-any-return]
+        if raw is None:
+            return None  # type: ignore[return-value]
         try:
             return fn(raw)
         except (ValueError, DecodeError, TypeError) as exc:

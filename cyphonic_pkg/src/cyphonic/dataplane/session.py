@@ -55,6 +55,7 @@ from cyphonic.wire.tunnel import (
     INIT_HEADER,
     SESSION_ID_LEN,
     TAI64N_LEN,
+    BytesLike,
     HandshakeInit,
     HandshakeResp,
     PacketType,
@@ -226,7 +227,7 @@ class Keypair:
         header = DATA_HEADER.pack(_DATA, self.remote_index, counter)
         return header + self._seal(_NONCE.pack(counter), plaintext, header)
 
-    def decrypt(self, packet: bytes, now: float) -> bytes:
+    def decrypt(self, packet: BytesLike, now: float) -> bytes:
         """The plaintext of a Data packet addressed to this keypair.
 
         Order: header checks, replay window check (cheap, no state change), AEAD, then the
@@ -323,7 +324,7 @@ class Initiator:
         """The HandshakeInit packet (124 bytes)."""
         return self._packet
 
-    def consume_response(self, packet: bytes, now: float) -> Keypair:
+    def consume_response(self, packet: BytesLike, now: float) -> Keypair:
         """Finish the handshake with the responder's HandshakeResp.
 
         Raises DecodeError (malformed), CryptoError (not for us, too late, bad keys or PSK,
@@ -362,7 +363,7 @@ class Response(NamedTuple):
 
 
 def respond(
-    packet: bytes,
+    packet: BytesLike,
     local_static: X25519PrivateKey,
     lookup: Lookup,
     local_index: int,

@@ -136,8 +136,8 @@ class NodeDaemon:
     async def stop(self) -> None:
         for t in self._tasks:
             await cancel(t)
-        for t in list(self.lookups.values()):
-            t.cancel()
+        for lookup in list(self.lookups.values()):
+            lookup.cancel()
         if self.resolver:
             await self.resolver.stop()
         loop = asyncio.get_running_loop()
@@ -327,7 +327,7 @@ class NodeDaemon:
             if task is None:
                 task = asyncio.create_task(self._establish(fqdn))
                 self.lookups[fqdn] = task
-                task.add_done_callback(lambda _t, f=fqdn: self.lookups.pop(f, None))
+                task.add_done_callback(self._lookup_done)
             try:
                 peer = await asyncio.shield(task)
             except SignalingError as exc:
@@ -339,6 +339,13 @@ class NodeDaemon:
                 log.warning("tunnel to %s not established: %s", fqdn, exc)
                 return LookupResult(LookupStatus.SERVFAIL, ())
         return LookupResult(LookupStatus.OK, (peer.vip4 if want == 4 else peer.vip6,))
+
+    def _lookup_done(self, task: asyncio.Task[Peer]) -> None:
+        for fqdn, t in list(self.lookups.items()):
+            if t is task:
+                del self.lookups[fqdn]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiting resolver queries report it
 
     async def _establish(self, fqdn: str) -> Peer:
         assert self.client is not None
@@ -443,13 +450,14 @@ class NodeDaemon:
 
     def _send_packet(self, peer: Peer, packet: bytes) -> None:
         kp = peer.current
-        if kp is None or peer.endpoint is None or kp.expired(time.monotonic()):
+        now = time.monotonic()
+        if kp is None or peer.endpoint is None or kp.expired(now):
             peer.queue.append(packet)
             if peer.initiator is None and peer.endpoint is not None:
                 self._start_handshake(peer, time.monotonic())
             return
         try:
-            data = kp.encrypt(packet)
+            data = kp.encrypt(packet, now)
         except CryptoError:
             peer.queue.append(packet)
             self._start_handshake(peer, time.monotonic())
@@ -523,7 +531,7 @@ class NodeDaemon:
             return
         peer, kp = entry
         try:
-            pkt = kp.decrypt(data)
+            pkt = kp.decrypt(data, now)
         except CryptoError as exc:
             if "replay" in type(exc).__name__.lower() or "replay" in str(exc):
                 self.counters.replayed += 1

@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -116,7 +117,9 @@ def _check_labels(name: str, what: str) -> None:
         if not label:
             raise FQDNError(f"{what} {name!r} has an empty label")
         if len(label) > 63:
-            raise FQDNError(f"{what} {name!r}: label {label[:20]!r}... is longer than 63 characters")
+            raise FQDNError(
+                f"{what} {name!r}: label {label[:20]!r}... is longer than 63 characters"
+            )
         if not _LABEL_RE.fullmatch(label):
             raise FQDNError(
                 f"{what} {name!r}: label {label!r} may only contain a-z, 0-9 and '-' "
@@ -286,7 +289,10 @@ def init_ca(ca_dir: Path, domain: str, now: float) -> CertificateAuthority:
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "CYPHONIC"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"CYPHONIC root CA for {domain}"),
+            # a random tag keeps two CAs of one domain apart in names and error messages
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, f"CYPHONIC root CA {domain} {secrets.token_hex(4)}"
+            ),
         ]
     )
     start = _utc(now) - BACKDATE

@@ -109,9 +109,7 @@ def _load_private(path: Path) -> object:
 
 def _load_signing(path: Path) -> ec.EllipticCurvePrivateKey:
     key = _load_private(path)
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-        key.curve, ec.SECP256R1
-    ):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise CyphonicError(f"{path} is not an ECDSA P-256 key")
     return key
 
@@ -143,16 +141,20 @@ def generate_node_keys(key_dir: Path) -> NodeKeys:
     try:
         key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise CyphonicError(f"cannot create key directory {key_dir}: {exc.strerror or exc}") from None
-    signing_path, x_path = key_dir / NODE_KEY_FILE, key_dir / X25519_KEY_FILE
-    for path, new in (
-        (signing_path, lambda: _pkcs8(ec.generate_private_key(ec.SECP256R1()))),
-        (x_path, lambda: _pkcs8(x25519.X25519PrivateKey.generate())),
-    ):
+        raise CyphonicError(
+            f"cannot create key directory {key_dir}: {exc.strerror or exc}"
+        ) from None
+    for name in (NODE_KEY_FILE, X25519_KEY_FILE):
+        path = key_dir / name
         if path.exists():
             continue
+        new: ec.EllipticCurvePrivateKey | x25519.X25519PrivateKey = (
+            ec.generate_private_key(ec.SECP256R1())
+            if name == NODE_KEY_FILE
+            else x25519.X25519PrivateKey.generate()
+        )
         try:
-            write_new_file(path, new(), 0o600)
+            write_new_file(path, _pkcs8(new), 0o600)
             logger.info("generated %s", path)
         except FileExistsError:
             pass  # created concurrently: load what is there

@@ -71,7 +71,7 @@ class NodeRecord:
 
 @dataclass(frozen=True)
 class CommonKey:
-    """A node–NMS common key handed out by the AS at login.
+    """A node-NMS common key handed out by the AS at login.
 
     ``high_counter`` is the replay high-water mark of messages under this key,
     persisted (in batches) by NMS so that a restart does not reopen the window.
@@ -91,6 +91,8 @@ class Registration:
     ``addresses`` are the node's own real addresses (``"ip"`` strings), ``port`` its
     UDP port; ``observed`` the source endpoints NMS saw, one per address family
     (``"ip:port"`` or ``"[ip6]:port"``), which differ from ``addresses`` behind NAPT.
+    ``key_id`` is the common key the node last signaled with (NMS answers and sends
+    Route Directions under it); 0 if unknown.
     """
 
     node_id: int
@@ -99,6 +101,7 @@ class Registration:
     observed: tuple[str, ...]
     registered_at: float
     last_seen: float
+    key_id: int = 0
 
 
 class Store(Protocol):
@@ -152,7 +155,7 @@ class Store(Protocol):
     def list_nodes(self) -> list[NodeRecord]:
         """All nodes, ordered by FQDN."""
 
-    # -- node–NMS common keys -----------------------------------------------
+    # -- node-NMS common keys -----------------------------------------------
     def put_common_key(self, key: CommonKey) -> None:
         """Store a new key; :class:`DuplicateKeyError` if ``key_id`` is taken."""
 

@@ -86,7 +86,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             port INTEGER NOT NULL CHECK (port BETWEEN 0 AND 65535),
             observed TEXT NOT NULL,
             registered_at REAL NOT NULL,
-            last_seen REAL NOT NULL
+            last_seen REAL NOT NULL,
+            key_id INTEGER NOT NULL DEFAULT 0
         )""",
     ),
 )
@@ -100,9 +101,7 @@ def _check_u32(value: int, what: str) -> None:
         raise StoreError(f"{what} {value} is not a non-zero 32-bit unsigned integer")
 
 
-def _first_free(
-    pool: IPv4Network | IPv6Network, taken: set[int], family: str
-) -> int:
+def _first_free(pool: IPv4Network | IPv6Network, taken: set[int], family: str) -> int:
     """First host address of ``pool`` not in ``taken``, skipping the network address,
     the first host (gateway) and the last address."""
     first = int(pool.network_address) + 2
@@ -127,9 +126,7 @@ class SQLiteStore:
         if self.path != ":memory:":
             self._create_private(Path(self.path))
         try:
-            self._conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=busy_timeout
-            )
+            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
         try:
@@ -232,8 +229,13 @@ class SQLiteStore:
                 db.execute(
                     "INSERT INTO tokens (token_hash, fqdn, created_at, expires_at, used_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (token.token_hash, token.fqdn, token.created_at, token.expires_at,
-                     token.used_at),
+                    (
+                        token.token_hash,
+                        token.fqdn,
+                        token.created_at,
+                        token.expires_at,
+                        token.used_at,
+                    ),
                 )
         except sqlite3.IntegrityError:
             raise StoreError("a token with this hash already exists") from None
@@ -297,9 +299,7 @@ class SQLiteStore:
                 logger.info("VIPs of %s moved to the configured pools: %s %s", fqdn, vip4, vip6)
             return vip4, vip6
 
-    _NODE_COLUMNS = (
-        "node_id, fqdn, vip4, vip6, cert_der, cert_serial, x25519_public, enrolled_at"
-    )
+    _NODE_COLUMNS = "node_id, fqdn, vip4, vip6, cert_der, cert_serial, x25519_public, enrolled_at"
 
     @staticmethod
     def _node(row: tuple[Any, ...]) -> NodeRecord:
@@ -332,8 +332,14 @@ class SQLiteStore:
         try:
             with self._write() as db:
                 row = db.execute("SELECT node_id FROM nodes WHERE fqdn = ?", (fqdn,)).fetchone()
-                args = (str(vip4), str(vip6), cert_der, str(cert_serial), x25519_public,
-                        enrolled_at)
+                args = (
+                    str(vip4),
+                    str(vip6),
+                    cert_der,
+                    str(cert_serial),
+                    x25519_public,
+                    enrolled_at,
+                )
                 if row is not None:
                     node_id = int(row[0])
                     db.execute(
@@ -344,9 +350,12 @@ class SQLiteStore:
                 else:
                     while True:
                         node_id = secrets.randbelow(U32_MAX) + 1
-                        if db.execute(
-                            "SELECT 1 FROM nodes WHERE node_id = ?", (node_id,)
-                        ).fetchone() is None:
+                        if (
+                            db.execute(
+                                "SELECT 1 FROM nodes WHERE node_id = ?", (node_id,)
+                            ).fetchone()
+                            is None
+                        ):
                             break
                     db.execute(
                         f"INSERT INTO nodes ({self._NODE_COLUMNS})"  # noqa: S608 - constant
@@ -441,7 +450,7 @@ class SQLiteStore:
 
     @staticmethod
     def _registration(row: tuple[Any, ...]) -> Registration:
-        node_id, addresses, port, observed, registered_at, last_seen = row
+        node_id, addresses, port, observed, registered_at, last_seen, key_id = row
         return Registration(
             node_id=int(node_id),
             addresses=tuple(str(a) for a in json.loads(addresses)),
@@ -449,6 +458,7 @@ class SQLiteStore:
             observed=tuple(str(o) for o in json.loads(observed)),
             registered_at=float(registered_at),
             last_seen=float(last_seen),
+            key_id=int(key_id),
         )
 
     def save_registration(self, registration: Registration) -> None:
@@ -463,13 +473,21 @@ class SQLiteStore:
             with self._write() as db:
                 db.execute(
                     "INSERT INTO registrations"
-                    " (node_id, addresses, port, observed, registered_at, last_seen)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
+                    " (node_id, addresses, port, observed, registered_at, last_seen, key_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (node_id) DO UPDATE SET addresses = excluded.addresses,"
                     " port = excluded.port, observed = excluded.observed,"
-                    " registered_at = excluded.registered_at, last_seen = excluded.last_seen",
-                    (r.node_id, json.dumps(list(r.addresses)), r.port,
-                     json.dumps(list(r.observed)), r.registered_at, r.last_seen),
+                    " registered_at = excluded.registered_at, last_seen = excluded.last_seen,"
+                    " key_id = excluded.key_id",
+                    (
+                        r.node_id,
+                        json.dumps(list(r.addresses)),
+                        r.port,
+                        json.dumps(list(r.observed)),
+                        r.registered_at,
+                        r.last_seen,
+                        r.key_id,
+                    ),
                 )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"cannot store registration of node {r.node_id}: {exc}") from None
@@ -477,7 +495,7 @@ class SQLiteStore:
     def get_registration(self, node_id: int) -> Registration | None:
         """The registration of ``node_id``, or ``None``."""
         rows = self._query(
-            "SELECT node_id, addresses, port, observed, registered_at, last_seen"
+            "SELECT node_id, addresses, port, observed, registered_at, last_seen, key_id"
             " FROM registrations WHERE node_id = ?",
             (node_id,),
         )
@@ -486,7 +504,7 @@ class SQLiteStore:
     def list_registrations(self) -> list[Registration]:
         """All registrations, ordered by ``node_id``."""
         rows = self._query(
-            "SELECT node_id, addresses, port, observed, registered_at, last_seen"
+            "SELECT node_id, addresses, port, observed, registered_at, last_seen, key_id"
             " FROM registrations ORDER BY node_id"
         )
         return [self._registration(r) for r in rows]
@@ -494,6 +512,6 @@ class SQLiteStore:
     def delete_registration(self, node_id: int) -> bool:
         """Delete the registration of ``node_id``; ``True`` if there was one."""
         with self._write() as db:
-            return db.execute(
-                "DELETE FROM registrations WHERE node_id = ?", (node_id,)
-            ).rowcount == 1
+            return (
+                db.execute("DELETE FROM registrations WHERE node_id = ?", (node_id,)).rowcount == 1
+            )

@@ -49,7 +49,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, TypeAlias
 
 from cyphonic.errors import DecodeError
 
@@ -66,6 +66,7 @@ __all__ = [
     "SESSION_ID_LEN",
     "TAG_LEN",
     "TAI64N_LEN",
+    "BytesLike",
     "Data",
     "HandshakeInit",
     "HandshakeResp",
@@ -73,6 +74,10 @@ __all__ = [
     "data_receiver_index",
     "packet_type",
 ]
+
+
+#: What the parsers accept: ``bytes`` from ``datagram_received``, or a receive buffer.
+BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 
 class PacketType(IntEnum):
@@ -112,7 +117,7 @@ _TYPES: Final = frozenset(int(t) for t in PacketType)
 _RECEIVER_INDEX = struct.Struct("!4xI")
 
 
-def packet_type(data: bytes) -> PacketType:
+def packet_type(data: BytesLike) -> PacketType:
     """The type of a datagram from its first byte; DecodeError if empty or unknown."""
     if not data:
         raise DecodeError("empty datagram")
@@ -122,7 +127,7 @@ def packet_type(data: bytes) -> PacketType:
     return PacketType(code)
 
 
-def data_receiver_index(data: bytes) -> int:
+def data_receiver_index(data: BytesLike) -> int:
     """Hot path: the receiver index of a Data packet without building an object.
 
     Only checks the length; the type byte is the dispatcher's business and the header is
@@ -171,7 +176,7 @@ class HandshakeInit:
         return INIT_HEADER.pack(PacketType.HANDSHAKE_INIT, self.sender_index, self.session_id)
 
     @classmethod
-    def parse(cls, data: bytes) -> HandshakeInit:
+    def parse(cls, data: BytesLike) -> HandshakeInit:
         """Decode exactly 124 bytes; DecodeError otherwise."""
         data = bytes(data)
         _check_header(data, PacketType.HANDSHAKE_INIT, HANDSHAKE_INIT_LEN, exact=True)
@@ -198,7 +203,7 @@ class HandshakeResp:
             raise ValueError(f"noise_message must be {NOISE_MSG2_LEN} bytes")
 
     @classmethod
-    def parse(cls, data: bytes) -> HandshakeResp:
+    def parse(cls, data: BytesLike) -> HandshakeResp:
         """Decode exactly 60 bytes; DecodeError otherwise."""
         data = bytes(data)
         _check_header(data, PacketType.HANDSHAKE_RESP, HANDSHAKE_RESP_LEN, exact=True)
@@ -232,7 +237,7 @@ class Data:
         return DATA_HEADER.pack(PacketType.DATA, self.receiver_index, self.counter)
 
     @classmethod
-    def parse(cls, data: bytes) -> Data:
+    def parse(cls, data: BytesLike) -> Data:
         """Decode a Data packet of 32 bytes or more; DecodeError otherwise."""
         data = bytes(data)
         _check_header(data, PacketType.DATA, DATA_MIN_LEN, exact=False)

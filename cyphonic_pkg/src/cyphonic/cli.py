@@ -1,0 +1,264 @@
+"""The ``cyphonic`` command line.
+
+Sub-commands: ``ca init``, ``cloud``, ``token create``, ``enroll``, ``node``,
+``status [--json]``, ``check-config``.  Every user error is one line on stderr
+and exit status 1 (2 for usage errors); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cyphonic import __version__
+from cyphonic.config import CloudConfig, NodeConfig, load_cloud_config, load_node_config
+from cyphonic.errors import ConfigError, CyphonicError
+from cyphonic.status import query_status
+
+log = logging.getLogger("cyphonic")
+
+DEFAULT_CLOUD_CONFIG = "/etc/cyphonic/cloud.toml"
+DEFAULT_NODE_CONFIG = "/etc/cyphonic/node.toml"
+
+
+def setup_logging(level: str) -> None:
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"  # the journal adds time and unit
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+
+
+async def _run_until_signal(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await start()
+        await done.wait()
+        log.info("stopping")
+    finally:
+        await stop()
+
+
+# -- cloud side -------------------------------------------------------------------------
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from cyphonic.pki.ca import init_ca
+
+    cfg = load_cloud_config(Path(args.config))
+    ca = init_ca(cfg.ca_dir, cfg.domain, time.time())
+    print(f"created CYPHONIC CA for {cfg.domain} in {cfg.ca_dir}")
+    print(f"install {cfg.ca_dir / 'ca.crt'} on every node before enrollment")
+    del ca
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from cyphonic.pki.ca import validate_fqdn
+    from cyphonic.pki.tokens import create_token
+    from cyphonic.store.sqlite import SQLiteStore
+
+    cfg = load_cloud_config(Path(args.config))
+    fqdn = validate_fqdn(args.fqdn, cfg.domain)
+    ttl = args.ttl if args.ttl is not None else cfg.token_ttl
+    if ttl <= 0:
+        raise ConfigError("--ttl must be positive")
+    with SQLiteStore(cfg.db_path) as store:
+        token = create_token(store, fqdn, ttl, time.time())
+    if args.json:
+        print(json.dumps({"fqdn": fqdn, "token": token, "expires_in": ttl}))
+    else:
+        print(token)
+    return 0
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    from cyphonic.cloud import Cloud
+
+    cfg = load_cloud_config(Path(args.config))
+    setup_logging(args.log_level or cfg.log_level)
+    cloud = Cloud(cfg)
+    asyncio.run(_run_until_signal(cloud.start, cloud.stop))
+    return 0
+
+
+# -- node side --------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from cyphonic.auth.client import enroll
+
+    cfg = load_node_config(Path(args.config))
+    token = args.token
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    if not token:
+        raise ConfigError("--token is empty")
+    cert = asyncio.run(
+        enroll(cfg.as_host, cfg.as_port, cfg.ca_cert, token, cfg.fqdn, cfg.state_dir, cfg.domain)
+    )
+    print(f"enrolled {cfg.fqdn}: certificate {cert}")
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from cyphonic.node.daemon import NodeDaemon
+    from cyphonic.status import StatusServer
+
+    cfg = load_node_config(Path(args.config))
+    setup_logging(args.log_level or cfg.log_level)
+    daemon = NodeDaemon(cfg)
+    status = StatusServer(cfg.status_socket, daemon.status)
+
+    async def start() -> None:
+        await daemon.start()
+        await status.start()
+
+    async def stop() -> None:
+        await status.stop()
+        await daemon.stop()
+
+    asyncio.run(_run_until_signal(start, stop))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    cfg: CloudConfig | NodeConfig
+    cfg = load_cloud_config(path) if args.kind == "cloud" else load_node_config(path)
+    print(f"{path}: ok ({args.kind}{', ' + cfg.fqdn if isinstance(cfg, NodeConfig) else ''})")
+    return 0
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+def _socket_for(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        path = Path(args.config)
+        try:
+            return load_node_config(path).status_socket
+        except ConfigError:
+            return load_cloud_config(path).status_socket
+    for candidate in ("/run/cyphonic/node.sock", "/run/cyphonic/cloud.sock"):
+        if Path(candidate).exists():
+            return Path(candidate)
+    return Path("/run/cyphonic/node.sock")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = query_status(_socket_for(args))
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    print(format_status(data))
+    return 0
+
+
+def format_status(data: dict[str, Any]) -> str:
+    lines = []
+    if data.get("role") == "cloud":
+        lines.append(f"cloud  domain {data.get('domain')}  nodes {data.get('nodes')}  "
+                     f"registered {data.get('registrations')}")
+        for k, v in sorted(data.get("nms", {}).items()):
+            lines.append(f"  nms.{k}: {v}")
+        return "\n".join(lines)
+    reg = "registered" if data.get("registered") else "NOT registered"
+    lines.append(f"{data.get('fqdn')}  {data.get('vip4')}  {data.get('vip6')}  {reg}")
+    for k, v in sorted(data.get("observed", {}).items()):
+        lines.append(f"  NMS sees us (IPv{k}) as {v}")
+    peers = data.get("peers", [])
+    if not peers:
+        lines.append("  no peers")
+    for p in peers:
+        hs = p.get("last_handshake")
+        ago = f"{time.time() - hs:.0f}s ago" if hs else "never"
+        lines.append(
+            f"  peer {p['fqdn']}  {p['vip4']} {p['vip6']}  path {p['path']} ({p['reason']})"
+            f"  endpoint {p['endpoint']}  rx {p['rx_bytes']} B  tx {p['tx_bytes']} B"
+            f"  handshake {ago}"
+        )
+    drops = {k: v for k, v in data.get("counters", {}).items() if isinstance(v, int) and v}
+    if drops:
+        lines.append("  dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cyphonic", description="CYPHONIC overlay network")
+    p.add_argument("--version", action="version", version=f"cyphonic {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ca = sub.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_cmd", required=True)
+    ca_init = ca.add_parser("init", help="create the root CA (once, on the cloud host)")
+    ca_init.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
+    ca_init.set_defaults(func=cmd_ca_init)
+
+    cloud = sub.add_parser("cloud", help="run AS and NMS")
+    cloud.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
+    cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    cloud.set_defaults(func=cmd_cloud)
+
+    tok = sub.add_parser("token", help="enrollment tokens").add_subparsers(dest="tok_cmd", required=True)
+    tc = tok.add_parser("create", help="issue a one-time enrollment token bound to an FQDN")
+    tc.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
+    tc.add_argument("--fqdn", required=True)
+    tc.add_argument("--ttl", type=float, help="seconds until the token expires")
+    tc.add_argument("--json", action="store_true")
+    tc.set_defaults(func=cmd_token_create)
+
+    en = sub.add_parser("enroll", help="generate keys locally and get a certificate from AS")
+    en.add_argument("--config", default=DEFAULT_NODE_CONFIG)
+    en.add_argument("--token", required=True, help="the token, or - to read it from stdin")
+    en.set_defaults(func=cmd_enroll)
+
+    node = sub.add_parser("node", help="run the node daemon")
+    node.add_argument("--config", default=DEFAULT_NODE_CONFIG)
+    node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    node.set_defaults(func=cmd_node)
+
+    st = sub.add_parser("status", help="show a running daemon's state")
+    st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
+    st.add_argument("--socket", help="status socket path")
+    st.add_argument("--config", help="read the status socket path from this config")
+    st.set_defaults(func=cmd_status)
+
+    cc = sub.add_parser("check-config", help="validate a configuration file and exit")
+    cc.add_argument("--config", required=True)
+    cc.add_argument("--kind", choices=["node", "cloud"], default="node")
+    cc.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except CyphonicError as exc:
+        print(f"cyphonic: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
