@@ -86,7 +86,7 @@ def main() -> int:
     names = "abcdefghij"[:n_nodes]
     nodes = [NodeSpec(x, f"198.51.100.{20 + i}", f"2001:db8:100::{20 + i:x}")
              for i, x in enumerate(names)]
-    lab = OverlayLab(prefix=f"cyb{os.getpid() % 10000}",
+    lab = OverlayLab(prefix=f"cyb{os.getpid() % 10000}", replace_stale=True,
                      workdir=Path("/tmp") / f"cyphonic-bench-{os.getpid()}", nodes=nodes, log=log)
     results: dict[str, Any] = {}
     try:

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from cyphonic.auth.server import start_as_server
+from cyphonic.auth.server import ServerStats, server_ssl_context, start_as_server
 from cyphonic.auth.service import AuthService
 from cyphonic.config import CloudConfig
 from cyphonic.errors import ConfigError
@@ -33,6 +33,7 @@ class Cloud:
         self.nms: NmsServer | None = None
         self.status_server = StatusServer(cfg.status_socket, self.status)
         self.started = time.time()
+        self.as_stats = ServerStats()
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -41,10 +42,12 @@ class Cloud:
                 self.store, self.ca, cfg.domain, cfg.pool4, cfg.pool6, cfg.nms_public,
                 cfg.common_key_lifetime, cfg.as_cert_lifetime_days,
             )
+            ctx = server_ssl_context(self.ca, cfg.state_dir, time.time())
             for host, port in cfg.as_listen:
                 self.as_servers.append(
-                    await start_as_server(service, host, port, cfg.ca_dir, self.ca)
+                    await start_as_server(service, host, port, ctx, stats=self.as_stats)
                 )
+                log.info("AS listening on tcp %s:%d (TLS 1.3)", host, port)
         if cfg.nms_enabled:
             core = NmsCore(
                 self.store, cfg.domain, keepalive_interval=cfg.keepalive_interval,
@@ -76,5 +79,6 @@ class Cloud:
             "nodes": len(self.store.list_nodes()),
             "registrations": len(self.store.list_registrations()),
             "nms": nms,
+            "as": {k: v for k, v in vars(self.as_stats).items() if isinstance(v, int)},
             "uptime": round(time.time() - self.started, 1),
         }

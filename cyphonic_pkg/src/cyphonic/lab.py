@@ -43,6 +43,7 @@ def up() -> int:
             NodeSpec("b", "198.51.100.30", "2001:db8:100::30"),
         ],
         log=say,
+        replace_stale=True,
     )
     say("building namespaces (cloud, a, b on a bridge 'inet'), CA, AS/NMS, enrolling nodes")
     try:

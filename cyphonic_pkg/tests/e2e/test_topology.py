@@ -302,7 +302,8 @@ CRASHING_RUN = textwrap.dedent(
     inet = t.add_segment("inet", v4="198.51.100.0/24", v6="2001:db8:100::/64")
     t.add_host("a", inet, v4="198.51.100.11", v6="2001:db8:100::11")
     t.set_resolver("a", "127.0.0.1")
-    print(t.popen("a", ["sleep", "300"], stdout=subprocess.DEVNULL).pid, flush=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # keep no pipe open
+    print(t.popen("a", ["sleep", "300"], **quiet).pid, flush=True)
     os._exit(1)  # no destroy, no atexit: a crash
     """
 )
@@ -311,7 +312,11 @@ CRASHING_RUN = textwrap.dedent(
 def test_destroy_prefix_cleans_a_crashed_run() -> None:
     destroy_prefix("cte11")
     crashed = subprocess.run(
-        [sys.executable, "-c", CRASHING_RUN], capture_output=True, text=True, check=False
+        [sys.executable, "-c", CRASHING_RUN],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert crashed.returncode == 1, crashed.stderr
     leftover = int(crashed.stdout)

@@ -25,8 +25,9 @@ def store() -> SQLiteStore:
 
 def test_token_is_256_random_bits_urlsafe(store: SQLiteStore) -> None:
     token = create_token(store, FQDN, 600, NOW)
-    assert len(token) == 43
-    raw = base64.urlsafe_b64decode(token + "=")
+    assert token.startswith("cyt_")  # never starts with "-": safe as a CLI argument
+    assert len(token) == 4 + 43
+    raw = base64.urlsafe_b64decode(token[4:] + "=")
     assert len(raw) == 32
     assert create_token(store, FQDN, 600, NOW) != token
 

@@ -114,8 +114,9 @@ class NodeDaemon:
         await self._login(forever=True)
         lr = self.login_result
         self.tun = self.tun_factory(self.cfg.tun_name)
-        self.netlink.configure_tun(
-            self.tun.name, self.cfg.mtu, self.vip4, ipaddress.IPv4Network(lr.vip4_pool),
+        # pyroute2's synchronous IPRoute runs its own loop: keep it off ours
+        await asyncio.to_thread(
+            self.netlink.configure_tun, self.tun.name, self.cfg.mtu, self.vip4, ipaddress.IPv4Network(lr.vip4_pool),
             self.vip6, ipaddress.IPv6Network(lr.vip6_pool),
         )
         self._open_sockets()
@@ -209,11 +210,15 @@ class NodeDaemon:
     def _nms_targets(self) -> list[Endpoint]:
         return [ep for ep in self.nms if (6 if ":" in ep[0] else 4) in self.socks]
 
+    async def _real_addresses(self) -> tuple[str, ...]:
+        addrs = await asyncio.to_thread(self.netlink.real_addresses, {self.cfg.tun_name})
+        return tuple(sorted(addrs))
+
     async def _register(self) -> None:
         """Register over every address family NMS and this node share."""
         assert self.client is not None
         while True:
-            addrs = tuple(self.netlink.real_addresses({self.cfg.tun_name}))
+            addrs = await self._real_addresses()
             ok = False
             for target in self._nms_targets():
                 msg = sig.Registration(self.client.next_txid(), addrs, self.cfg.port)
@@ -250,7 +255,7 @@ class NodeDaemon:
             try:
                 if lr.key_expires_at - time.time() < 60:
                     raise SignalingError(ErrorCode.UNKNOWN_KEY, "common key about to expire")
-                if tuple(self.netlink.real_addresses({self.cfg.tun_name})) != self.addresses:
+                if await self._real_addresses() != self.addresses:
                     await self._register()
                     continue
                 for target in self._nms_targets():

@@ -48,6 +48,9 @@ def _norm_fqdn(fqdn: str) -> str:
     return fqdn.lower().rstrip(".")
 
 
+TOKEN_PREFIX = "cyt_"
+
+
 def hash_token(token: str) -> bytes:
     """The SHA-256 under which ``token`` is stored."""
     return hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).digest()
@@ -65,7 +68,11 @@ def create_token(store: Store, fqdn: str, ttl_seconds: float, now: float) -> str
     if not fqdn:
         raise EnrollmentError("a token must be bound to an FQDN")
     while True:
-        token = base64.urlsafe_b64encode(secrets.token_bytes(_TOKEN_BYTES)).rstrip(b"=").decode()
+        # "cyt_" prefix: never starts with "-" (safe as a CLI argument) and is easy for
+        # secret scanners to recognise
+        token = TOKEN_PREFIX + base64.urlsafe_b64encode(
+            secrets.token_bytes(_TOKEN_BYTES)
+        ).rstrip(b"=").decode()
         try:
             store.put_token(
                 TokenRecord(

@@ -50,11 +50,12 @@ class OverlayLab:
     workdir: Path
     nodes: Sequence[NodeSpec] = ()
     log: Callable[[str], None] = field(default=lambda _m: None)
+    replace_stale: bool = False
     topo: Topology = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.topo = Topology(prefix=self.prefix)
+        self.topo = Topology(prefix=self.prefix, replace_stale=self.replace_stale)
 
     # -- building ---------------------------------------------------------------------
 
@@ -177,7 +178,7 @@ upstream = ["{CLOUD_V4 if n.v4 else '[' + CLOUD_V6 + ']'}:53"]
         token = self.cli(
             "cloud", "token", "create", "--config", str(self.cloud_config), "--fqdn", n.fqdn
         ).stdout.strip()
-        self.cli(n.name, "enroll", "--config", str(self.node_config(n.name)), "--token", token)
+        self.cli(n.name, "enroll", "--config", str(self.node_config(n.name)), f"--token={token}")
         self.topo.set_resolver(n.name, "127.0.0.1")
 
     def start_node(self, n: NodeSpec) -> None:

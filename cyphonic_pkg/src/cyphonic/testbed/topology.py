@@ -924,7 +924,8 @@ class Topology:
 
         The process gets its own session (unless ``start_new_session=False`` is passed), so that
         :meth:`destroy` ends it and its children: SIGTERM to its process group, SIGKILL after
-        ``grace`` seconds.  Anything else still running in the namespaces is ended by PID too.
+        ``grace`` seconds, then closes its pipes (read what you need before that).  Anything else
+        still running in the namespaces is ended by PID too.
         """
         kwargs.setdefault("start_new_session", True)
         full = self.exec_argv(name, argv)
@@ -976,6 +977,11 @@ class Topology:
                 log.warning("pid %d ignored SIGTERM; sending SIGKILL", p.popen.pid)
                 self._signal(p, signal.SIGKILL)
                 p.popen.wait()
+        for p in self._procs:  # reaped: close the pipes we handed out
+            for stream in (p.popen.stdin, p.popen.stdout, p.popen.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
         self._procs.clear()
 
     @staticmethod
@@ -1007,6 +1013,16 @@ class Topology:
             self._segments.clear()
             if _LIVE.get(self.prefix) is self:
                 del _LIVE[self.prefix]
+
+    def detach(self) -> None:
+        """Leave everything running after this process exits (``make lab``).
+
+        The namespaces and processes then belong to whoever calls
+        :func:`destroy_prefix` with this prefix later.
+        """
+        self._procs.clear()
+        if _LIVE.get(self.prefix) is self:
+            del _LIVE[self.prefix]
 
     def __repr__(self) -> str:
         return (
