@@ -27,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def log(msg: str) -> None:
 
 
 def ping_avg(lab: OverlayLab, host: str, dst: str, count: int) -> float:
-    out = lab.topo.run(host, ["ping", "-c", str(count), "-i", "0.05", "-q", dst],
-                       check=True, timeout=120).stdout
+    out = lab.topo.run(
+        host, ["ping", "-c", str(count), "-i", "0.05", "-q", dst], check=True, timeout=120
+    ).stdout
     m = re.search(r"= [\d.]+/([\d.]+)/", out)
     if not m:
         raise RuntimeError(f"cannot parse ping output: {out}")
@@ -56,12 +58,20 @@ def ping_avg(lab: OverlayLab, host: str, dst: str, count: int) -> float:
 
 
 def iperf_tcp(lab: OverlayLab, client: str, server: str, dst: str, seconds: int) -> float:
-    srv = lab.topo.popen(server, ["iperf3", "-s", "-1", "-B", dst], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    srv = lab.topo.popen(
+        server,
+        ["iperf3", "-s", "-1", "-B", dst],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(50):
-            r = lab.topo.run(client, ["iperf3", "-c", dst, "-t", str(seconds), "-J"],
-                             check=False, timeout=seconds + 60)
+            r = lab.topo.run(
+                client,
+                ["iperf3", "-c", dst, "-t", str(seconds), "-J"],
+                check=False,
+                timeout=seconds + 60,
+            )
             if r.returncode == 0:
                 data = json.loads(r.stdout)
                 return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
@@ -84,17 +94,24 @@ def main() -> int:
     secs = 1 if args.quick else 5
     pings = 10 if args.quick else 100
     names = "abcdefghij"[:n_nodes]
-    nodes = [NodeSpec(x, f"198.51.100.{20 + i}", f"2001:db8:100::{20 + i:x}")
-             for i, x in enumerate(names)]
-    lab = OverlayLab(prefix=f"cyb{os.getpid() % 10000}", replace_stale=True,
-                     workdir=Path("/tmp") / f"cyphonic-bench-{os.getpid()}", nodes=nodes, log=log)
+    nodes = [
+        NodeSpec(x, f"198.51.100.{20 + i}", f"2001:db8:100::{20 + i:x}")
+        for i, x in enumerate(names)
+    ]
+    lab = OverlayLab(
+        prefix=f"cyb{os.getpid() % 10000}",
+        replace_stale=True,
+        workdir=Path(tempfile.mkdtemp(prefix="cyphonic-bench-")),
+        nodes=nodes,
+        log=log,
+    )
     results: dict[str, Any] = {}
     try:
         lab.build()
         route, tunnel = [], []
         log(f"route selection + tunnel establishment over {n_nodes * (n_nodes - 1) // 2} pairs")
         for i, src in enumerate(names):
-            for dst in names[i + 1:]:
+            for dst in names[i + 1 :]:
                 lab.topo.run(src, ["getent", "ahosts", f"{dst}.cyphonic.test"], check=True)
                 for p in lab.status(src)["peers"]:
                     if p["fqdn"] == f"{dst}.cyphonic.test":
@@ -113,10 +130,16 @@ def main() -> int:
             "date": dt.date.today().isoformat(),
             "quick": args.quick,
             "nodes": n_nodes,
-            "route_selection_ms": {"median": statistics.median(route), "max": max(route),
-                                   "samples": len(route)},
-            "tunnel_establishment_ms": {"median": statistics.median(tunnel), "max": max(tunnel),
-                                        "samples": len(tunnel)},
+            "route_selection_ms": {
+                "median": statistics.median(route),
+                "max": max(route),
+                "samples": len(route),
+            },
+            "tunnel_establishment_ms": {
+                "median": statistics.median(tunnel),
+                "max": max(tunnel),
+                "samples": len(tunnel),
+            },
             "rtt_ms": {"overlay": rtt_o, "underlay": rtt_u, "added": rtt_o - rtt_u},
             "tcp_mbit": {"overlay": tcp_o, "underlay": tcp_u, "ratio": tcp_o / tcp_u},
         }
@@ -128,19 +151,21 @@ def main() -> int:
         lab.destroy()
 
     r = results
-    table = "\n".join([
-        "| figure | this machine (median) | underlay / limit | paper, RPi 4 (v6 / v4) |",
-        "|---|---|---|---|",
-        f"| route selection time | {r['route_selection_ms']['median']:.2f} ms "
-        f"(n={r['route_selection_ms']['samples']}) | – | {PAPER['route_selection_ms']} ms |",
-        f"| tunnel establishment time | {r['tunnel_establishment_ms']['median']:.2f} ms | – | "
-        f"{PAPER['tunnel_establishment_ms']} ms |",
-        f"| ping RTT | {r['rtt_ms']['overlay']:.3f} ms | {r['rtt_ms']['underlay']:.3f} ms "
-        f"(added {r['rtt_ms']['added']:.3f} ms) | {PAPER['rtt_ms']} ms |",
-        f"| iperf3 TCP | {r['tcp_mbit']['overlay']:.0f} Mbit/s | "
-        f"{r['tcp_mbit']['underlay']:.0f} Mbit/s ({r['tcp_mbit']['ratio']:.3f}×) | "
-        f"{PAPER['tcp_mbit']} Mbit/s |",
-    ])
+    table = "\n".join(
+        [
+            "| figure | this machine (median) | underlay / limit | paper, RPi 4 (v6 / v4) |",
+            "|---|---|---|---|",
+            f"| route selection time | {r['route_selection_ms']['median']:.2f} ms "
+            f"(n={r['route_selection_ms']['samples']}) | - | {PAPER['route_selection_ms']} ms |",
+            f"| tunnel establishment time | {r['tunnel_establishment_ms']['median']:.2f} ms | - | "
+            f"{PAPER['tunnel_establishment_ms']} ms |",
+            f"| ping RTT | {r['rtt_ms']['overlay']:.3f} ms | {r['rtt_ms']['underlay']:.3f} ms "
+            f"(added {r['rtt_ms']['added']:.3f} ms) | {PAPER['rtt_ms']} ms |",
+            f"| iperf3 TCP | {r['tcp_mbit']['overlay']:.0f} Mbit/s | "
+            f"{r['tcp_mbit']['underlay']:.0f} Mbit/s ({r['tcp_mbit']['ratio']:.3f}x) | "
+            f"{PAPER['tcp_mbit']} Mbit/s |",
+        ]
+    )
     print(table)
     if not args.quick:
         out = HERE / "results"

@@ -39,7 +39,9 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
 
 
-async def _run_until_signal(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:
+async def _run_until_signal(
+    start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]
+) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,7 +105,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     cfg = load_node_config(Path(args.config))
     token = args.token
-    if token == "-":
+    if token == "-":  # noqa: S105 - "read from stdin", not a password
         token = sys.stdin.readline().strip()
     if not token:
         raise ConfigError("--token is empty")
@@ -173,8 +175,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(data: dict[str, Any]) -> str:
     lines = []
     if data.get("role") == "cloud":
-        lines.append(f"cloud  domain {data.get('domain')}  nodes {data.get('nodes')}  "
-                     f"registered {data.get('registrations')}")
+        lines.append(
+            f"cloud  domain {data.get('domain')}  nodes {data.get('nodes')}  "
+            f"registered {data.get('registrations')}"
+        )
         for k, v in sorted(data.get("nms", {}).items()):
             lines.append(f"  nms.{k}: {v}")
         return "\n".join(lines)
@@ -204,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cyphonic {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    ca = sub.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_cmd", required=True)
+    ca = sub.add_parser("ca", help="certificate authority").add_subparsers(
+        dest="ca_cmd", required=True
+    )
     ca_init = ca.add_parser("init", help="create the root CA (once, on the cloud host)")
     ca_init.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
     ca_init.set_defaults(func=cmd_ca_init)
@@ -214,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     cloud.set_defaults(func=cmd_cloud)
 
-    tok = sub.add_parser("token", help="enrollment tokens").add_subparsers(dest="tok_cmd", required=True)
+    tok = sub.add_parser("token", help="enrollment tokens").add_subparsers(
+        dest="tok_cmd", required=True
+    )
     tc = tok.add_parser("create", help="issue a one-time enrollment token bound to an FQDN")
     tc.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
     tc.add_argument("--fqdn", required=True)

@@ -25,7 +25,8 @@ class Cloud:
         self.cfg = cfg
         if not (cfg.ca_dir / "ca.crt").exists():
             raise ConfigError(
-                f"{cfg.path}: [cloud] state_dir: no CA in {cfg.ca_dir}; run `cyphonic ca init` first"
+                f"{cfg.path}: [cloud] state_dir: no CA in {cfg.ca_dir}; "
+                "run `cyphonic ca init` first"
             )
         self.store = SQLiteStore(cfg.db_path)
         self.ca = load_ca(cfg.ca_dir)
@@ -39,8 +40,14 @@ class Cloud:
         cfg = self.cfg
         if cfg.as_enabled:
             service = AuthService(
-                self.store, self.ca, cfg.domain, cfg.pool4, cfg.pool6, cfg.nms_public,
-                cfg.common_key_lifetime, cfg.as_cert_lifetime_days,
+                self.store,
+                self.ca,
+                cfg.domain,
+                cfg.pool4,
+                cfg.pool6,
+                cfg.nms_public,
+                cfg.common_key_lifetime,
+                cfg.as_cert_lifetime_days,
             )
             ctx = server_ssl_context(self.ca, cfg.state_dir, time.time())
             for host, port in cfg.as_listen:
@@ -50,7 +57,9 @@ class Cloud:
                 log.info("AS listening on tcp %s:%d (TLS 1.3)", host, port)
         if cfg.nms_enabled:
             core = NmsCore(
-                self.store, cfg.domain, keepalive_interval=cfg.keepalive_interval,
+                self.store,
+                cfg.domain,
+                keepalive_interval=cfg.keepalive_interval,
                 direction_timeout=cfg.direction_timeout,
             )
             self.nms = NmsServer(core)

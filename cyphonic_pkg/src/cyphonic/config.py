@@ -9,10 +9,10 @@ starts on a configuration it misread.
 from __future__ import annotations
 
 import ipaddress
-from ipaddress import ip_address
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,7 +116,7 @@ def _endpoints(values: list[Any]) -> list[Endpoint]:
     out = []
     for v in values:
         if not isinstance(v, str):
-            raise ValueError("expected a list of \"ip:port\" strings")
+            raise ValueError('expected a list of "ip:port" strings')
         out.append(parse_endpoint(v))
     return out
 

@@ -23,7 +23,7 @@ from cyphonic.testbed.overlay import NodeSpec, OverlayLab
 from cyphonic.testbed.topology import destroy_prefix
 
 PREFIX = "cylab"
-WORKDIR = Path("/tmp/cyphonic-lab")
+WORKDIR = Path("/run/cyphonic-lab")
 STATE = WORKDIR / "lab.json"
 
 

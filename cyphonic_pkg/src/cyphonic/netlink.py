@@ -51,7 +51,10 @@ class LinuxNetlink:
                 ipr.addr("add", index=idx, address=vip4, prefixlen=pool4.prefixlen)
                 # nodad: a VIP is unique by allocation; don't wait 1-2 s for DAD
                 ipr.addr(
-                    "add", index=idx, address=vip6, prefixlen=pool6.prefixlen,
+                    "add",
+                    index=idx,
+                    address=vip6,
+                    prefixlen=pool6.prefixlen,
                     flags=0x02,  # IFA_F_NODAD
                 )
                 ipr.link("set", index=idx, state="up")
@@ -62,9 +65,7 @@ class LinuxNetlink:
         """Global unicast addresses of the host, except those on ``exclude`` links."""
         out: list[str] = []
         with IPRoute() as ipr:
-            names = {
-                link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
-            }
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
             for a in ipr.get_addr():
                 if names.get(a["index"]) in exclude:
                     continue

@@ -55,7 +55,7 @@ def run(lab: OverlayLab, host: str, *cmd: str, timeout: float = 60) -> str:
     return lab.topo.run(host, list(cmd), check=True, timeout=timeout).stdout
 
 
-def peer(status: dict[str, Any], fqdn: str) -> dict[str, Any]:
+def peer(status: dict[str, Any], fqdn: str) -> Any:
     for p in status["peers"]:
         if p["fqdn"] == fqdn:
             return p
@@ -131,8 +131,9 @@ print(sent, h.hexdigest(), flush=True)
 def test_tcp_transfer_sha256(lab: OverlayLab, family: str) -> None:
     size = 50 * 1024 * 1024 if family == "vip4" else 5 * 1024 * 1024
     dst = lab.status("b")[family]
-    server = lab.topo.popen("b", [sys.executable, "-c", SERVER, dst],
-                            stdout=subprocess.PIPE, text=True)
+    server = lab.topo.popen(
+        "b", [sys.executable, "-c", SERVER, dst], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
@@ -146,8 +147,10 @@ def test_tcp_transfer_sha256(lab: OverlayLab, family: str) -> None:
             server.kill()
     assert sent == received
     assert int(sent[0]) == size
-    print(f"{size / 1e6:.0f} MB over {family} in {took:.2f} s "
-          f"({size * 8 / took / 1e6:.0f} Mbit/s)", file=sys.stderr)
+    print(
+        f"{size / 1e6:.0f} MB over {family} in {took:.2f} s ({size * 8 / took / 1e6:.0f} Mbit/s)",
+        file=sys.stderr,
+    )
 
 
 def test_status_reports_peer_path_and_bytes(lab: OverlayLab) -> None:
@@ -164,8 +167,14 @@ def test_status_reports_peer_path_and_bytes(lab: OverlayLab) -> None:
 
 
 def lab_cmd(lab: OverlayLab, name: str) -> list[str]:
-    return [sys.executable, "-m", "cyphonic.cli", "status", "--socket",
-            str(lab.status_socket(name))]
+    return [
+        sys.executable,
+        "-m",
+        "cyphonic.cli",
+        "status",
+        "--socket",
+        str(lab.status_socket(name)),
+    ]
 
 
 def _udp(lab: OverlayLab, host: str, dst: str, port: int, payloads: list[bytes]) -> None:
@@ -181,20 +190,30 @@ def _udp(lab: OverlayLab, host: str, dst: str, port: int, payloads: list[bytes])
 def test_garbage_is_dropped_and_counted(lab: OverlayLab) -> None:
     before = lab.status("b")["counters"]
     nms_before = lab.status("cloud")["nms"]
-    junk = [b"", b"\x04", b"\x04" + os.urandom(40), b"\x02" + os.urandom(123),
-            b"\x03" + os.urandom(59), b"\x01" + os.urandom(50), b"\xff" * 30,
-            os.urandom(1400)]
+    junk = [
+        b"",
+        b"\x04",
+        b"\x04" + os.urandom(40),
+        b"\x02" + os.urandom(123),
+        b"\x03" + os.urandom(59),
+        b"\x01" + os.urandom(50),
+        b"\xff" * 30,
+        os.urandom(1400),
+    ]
     _udp(lab, "cloud", "198.51.100.30", 30000, junk)
     _udp(lab, "a", CLOUD_V4, 4502, junk)
     time.sleep(0.5)
     after = lab.status("b")["counters"]
-    dropped = sum(after[k] - before[k] for k in
-                  ("malformed", "unknown_index", "handshake_failed", "auth_failed"))
+    dropped = sum(
+        after[k] - before[k]
+        for k in ("malformed", "unknown_index", "handshake_failed", "auth_failed")
+    )
     dropped += after["signaling"]["dropped"] - before["signaling"]["dropped"]
     assert dropped >= 6
     nms_after = lab.status("cloud")["nms"]
     assert (nms_after["malformed"] + nms_after["unknown_key"]) > (
-        nms_before["malformed"] + nms_before["unknown_key"])
+        nms_before["malformed"] + nms_before["unknown_key"]
+    )
     # still working
     run(lab, "a", "ping", "-c", "1", "-W", "2", "b.cyphonic.test")
 
@@ -227,8 +246,9 @@ while time.time() < deadline:
 def test_replayed_and_tampered_data_are_refused(lab: OverlayLab) -> None:
     """Capture a real data datagram to b, replay it and a tampered copy from elsewhere."""
     b_if = lab.topo.host("b").ifname
-    cap = lab.topo.popen("b", [sys.executable, "-c", CAPTURE, b_if],
-                         stdout=subprocess.PIPE, text=True)
+    cap = lab.topo.popen(
+        "b", [sys.executable, "-c", CAPTURE, b_if], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert cap.stdout is not None
         assert cap.stdout.readline().strip() == "ready"
@@ -272,8 +292,9 @@ def test_cloud_restart_keeps_registrations(lab: OverlayLab) -> None:
 
 
 def test_enrollment_token_reuse_refused(lab: OverlayLab) -> None:
-    token = lab.cli("cloud", "token", "create", "--config", str(lab.cloud_config),
-                    "--fqdn", "d.cyphonic.test").stdout.strip()
+    token = lab.cli(
+        "cloud", "token", "create", "--config", str(lab.cloud_config), "--fqdn", "d.cyphonic.test"
+    ).stdout.strip()
     cfg = Path(lab.node_config("a")).read_text().replace("a.cyphonic.test", "d.cyphonic.test")
     state = lab.workdir / "d"
     cfg = cfg.replace(str(lab.workdir / "a" / "state"), str(state / "state"))
@@ -281,13 +302,15 @@ def test_enrollment_token_reuse_refused(lab: OverlayLab) -> None:
     (state / "node.toml").write_text(cfg)
     ok = lab.cli("a", "enroll", "--config", str(state / "node.toml"), "--token", token)
     assert "enrolled d.cyphonic.test" in ok.stdout
-    again = lab.cli("a", "enroll", "--config", str(state / "node.toml"), "--token", token,
-                    check=False)
+    again = lab.cli(
+        "a", "enroll", "--config", str(state / "node.toml"), "--token", token, check=False
+    )
     assert again.returncode == 1
     assert "already used" in again.stderr
     assert "Traceback" not in again.stderr
-    forged = lab.cli("a", "enroll", "--config", str(state / "node.toml"), "--token", "x" * 43,
-                     check=False)
+    forged = lab.cli(
+        "a", "enroll", "--config", str(state / "node.toml"), "--token", "x" * 43, check=False
+    )
     assert forged.returncode == 1 and "Traceback" not in forged.stderr
 
 

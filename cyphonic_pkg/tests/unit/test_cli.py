@@ -12,8 +12,9 @@ from cyphonic.cli import format_status, main
 
 
 def cyphonic(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyphonic.cli", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "cyphonic.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_node_with_missing_key(tmp_path: Path) -> None:
@@ -27,16 +28,18 @@ def test_node_with_missing_key(tmp_path: Path) -> None:
 
 def test_node_with_wrong_type(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[node]\nfqdn="a.cyphonic.test"\nstate_dir="/x"\nport="30000"\n'
-                   '[as]\nhost="192.0.2.1"\n')
+    cfg.write_text(
+        '[node]\nfqdn="a.cyphonic.test"\nstate_dir="/x"\nport="30000"\n[as]\nhost="192.0.2.1"\n'
+    )
     r = cyphonic("node", "--config", str(cfg))
     assert r.returncode == 1 and "[node] port: expected int, got str" in r.stderr
 
 
 def test_node_not_enrolled(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
-    cfg.write_text(f'[node]\nfqdn="a.cyphonic.test"\nstate_dir="{tmp_path}"\n'
-                   '[as]\nhost="192.0.2.1"\n')
+    cfg.write_text(
+        f'[node]\nfqdn="a.cyphonic.test"\nstate_dir="{tmp_path}"\n[as]\nhost="192.0.2.1"\n'
+    )
     r = cyphonic("node", "--config", str(cfg))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("cyphonic: error:")
@@ -44,16 +47,20 @@ def test_node_not_enrolled(tmp_path: Path) -> None:
 
 def test_cloud_without_ca(tmp_path: Path) -> None:
     cfg = tmp_path / "cloud.toml"
-    cfg.write_text(f'[cloud]\nstate_dir="{tmp_path}"\n[nms]\npublic=["192.0.2.1:4502"]\n'
-                   '[pools]\nvip4="10.64.0.0/16"\nvip6="fd43:5950::/64"\n')
+    cfg.write_text(
+        f'[cloud]\nstate_dir="{tmp_path}"\n[nms]\npublic=["192.0.2.1:4502"]\n'
+        '[pools]\nvip4="10.64.0.0/16"\nvip6="fd43:5950::/64"\n'
+    )
     r = cyphonic("cloud", "--config", str(cfg))
     assert r.returncode == 1 and "cyphonic ca init" in r.stderr
 
 
 def test_ca_init_token_and_check_config(tmp_path: Path) -> None:
     cfg = tmp_path / "cloud.toml"
-    cfg.write_text(f'[cloud]\nstate_dir="{tmp_path}"\n[nms]\npublic=["192.0.2.1:4502"]\n'
-                   '[pools]\nvip4="10.64.0.0/16"\nvip6="fd43:5950::/64"\n')
+    cfg.write_text(
+        f'[cloud]\nstate_dir="{tmp_path}"\n[nms]\npublic=["192.0.2.1:4502"]\n'
+        '[pools]\nvip4="10.64.0.0/16"\nvip6="fd43:5950::/64"\n'
+    )
     assert main(["ca", "init", "--config", str(cfg)]) == 0
     assert (tmp_path / "ca" / "ca.crt").exists()
     again = cyphonic("ca", "init", "--config", str(cfg))
@@ -72,14 +79,28 @@ def test_status_without_daemon(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("registered", [True, False])
 def test_format_status(registered: bool) -> None:
-    text = format_status({
-        "fqdn": "a.cyphonic.test", "vip4": "10.64.0.2", "vip6": "fd43:5950::2",
-        "registered": registered, "observed": {"4": "198.51.100.20:30000"},
-        "peers": [{"fqdn": "b.cyphonic.test", "vip4": "10.64.0.3", "vip6": "fd43:5950::3",
-                   "path": "direct", "reason": "common_family_public",
-                   "endpoint": "198.51.100.30:30000", "rx_bytes": 1, "tx_bytes": 2,
-                   "last_handshake": None}],
-        "counters": {"replayed": 2},
-    })
+    text = format_status(
+        {
+            "fqdn": "a.cyphonic.test",
+            "vip4": "10.64.0.2",
+            "vip6": "fd43:5950::2",
+            "registered": registered,
+            "observed": {"4": "198.51.100.20:30000"},
+            "peers": [
+                {
+                    "fqdn": "b.cyphonic.test",
+                    "vip4": "10.64.0.3",
+                    "vip6": "fd43:5950::3",
+                    "path": "direct",
+                    "reason": "common_family_public",
+                    "endpoint": "198.51.100.30:30000",
+                    "rx_bytes": 1,
+                    "tx_bytes": 2,
+                    "last_handshake": None,
+                }
+            ],
+            "counters": {"replayed": 2},
+        }
+    )
     assert "b.cyphonic.test" in text and "replayed=2" in text
     assert ("NOT registered" in text) is not registered

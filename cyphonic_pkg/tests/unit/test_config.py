@@ -59,7 +59,7 @@ def test_cloud_defaults(tmp_path: Path) -> None:
         (NODE.replace('"a.cyphonic.test"', "5"), "[node] fqdn: expected str, got int"),
         (NODE + "[tun]\nmtu = 100\n", "[tun] mtu: mtu must be between"),
         (NODE + "[tun]\nmut = 1400\n", "[tun] mut: unknown key"),
-        (NODE + "[resolver]\nlisten = [\"nope\"]\n", "[resolver] listen: bad endpoint"),
+        (NODE + '[resolver]\nlisten = ["nope"]\n', "[resolver] listen: bad endpoint"),
         (NODE + "[bogus]\n", "unknown table [bogus]"),
         (NODE.replace("a.cyphonic.test", "a.example.org"), "is not under the domain"),
         (NODE.replace('[as]\nhost = "198.51.100.10"\n', ""), "missing required table [as]"),
@@ -80,8 +80,12 @@ def test_node_errors(tmp_path: Path, text: str, needle: str) -> None:
     [
         (CLOUD.replace('vip4 = "10.64.0.0/16"', 'vip4 = "10.64.0.0/33"'), "[pools] vip4"),
         (CLOUD.replace('vip4 = "10.64.0.0/16"', 'vip4 = "10.64.0.0/31"'), "pool too small"),
-        (CLOUD.replace('public = ["198.51.100.10:4502"]\n', "").replace(
-            '"0.0.0.0:4502"', '"0.0.0.0:4502"'), "[nms] public: required"),
+        (
+            CLOUD.replace('public = ["198.51.100.10:4502"]\n', "").replace(
+                '"0.0.0.0:4502"', '"0.0.0.0:4502"'
+            ),
+            "[nms] public: required",
+        ),
         (CLOUD.replace('domain = "cyphonic.test"', 'domain = "bad domain"'), "[cloud] domain"),
         (CLOUD + "\n[as]\nport = 1\n", "[as] port: unknown key"),
     ],

@@ -48,7 +48,9 @@ class SignalingChannel:
         self.remote = Direction.TO_NODE if local is Direction.TO_NMS else Direction.TO_NMS
         to_nms = _derive(common_key, b"cyphonic nms v1 to-nms")
         to_node = _derive(common_key, b"cyphonic nms v1 to-node")
-        self._send, self._recv = (to_nms, to_node) if local is Direction.TO_NMS else (to_node, to_nms)
+        self._send, self._recv = (
+            (to_nms, to_node) if local is Direction.TO_NMS else (to_node, to_nms)
+        )
         self.send_counter = first_counter
         self.window = ReplayWindow()
         self._floor = -1

@@ -132,8 +132,13 @@ class NmsCore:
             self.counters.malformed += 1
             return []
         if self.key_expiry[header.key_id] < now:
-            return self._reply(channel, src, sig.Error(
-                msg.txid, ErrorCode.UNKNOWN_KEY, "common key expired: log in to AS again"))
+            return self._reply(
+                channel,
+                src,
+                sig.Error(
+                    msg.txid, ErrorCode.UNKNOWN_KEY, "common key expired: log in to AS again"
+                ),
+            )
         node_id = self.key_node[header.key_id]
         if isinstance(msg, sig.Registration):
             return self._registration(channel, node_id, msg, src, now)
@@ -149,26 +154,24 @@ class NmsCore:
     def tick(self, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
         for sid, p in list(self.pending.items()):
-            if now < p.next_at:
-                continue
             if now - p.started >= self.direction_timeout:
                 self._drop_pending(sid)
                 self.counters.direction_errors += 1
                 err = sig.Error(
-                    p.mn_txid, ErrorCode.PEER_UNREACHABLE, "peer did not confirm the route direction"
+                    p.mn_txid,
+                    ErrorCode.PEER_UNREACHABLE,
+                    "peer did not confirm the route direction",
                 ).pack()
                 out += self._answer(p.mn_key, p.mn_txid, err, p.mn_addr)
-                continue
-            out += self._send_to_cn(p, now)
+            elif now >= p.next_at:
+                out += self._send_to_cn(p, now)
         if self._dirty_marks and now - self._last_flush >= MARK_FLUSH_INTERVAL:
             self.flush_marks(now)
         return out
 
     def flush_marks(self, now: float) -> None:
         """Persist replay high-water marks so a restarted NMS refuses old datagrams."""
-        marks = {
-            k: self.channels[k].high_counter for k in self._dirty_marks if k in self.channels
-        }
+        marks = {k: self.channels[k].high_counter for k in self._dirty_marks if k in self.channels}
         if marks:
             self.store.update_key_counters(marks)
         self._dirty_marks.clear()
@@ -216,9 +219,12 @@ class NmsCore:
         family = 6 if ":" in src[0] else 4
         view = self._view(reg)
         changed = view.observed.get(family) != src or reg.key_id != key_id
-        observed = tuple(
-            format_endpoint(ep) for fam, ep in sorted(view.observed.items()) if fam != family
-        ) + (format_endpoint(src),)
+        observed = (
+            *tuple(
+                format_endpoint(ep) for fam, ep in sorted(view.observed.items()) if fam != family
+            ),
+            format_endpoint(src),
+        )
         reg = Registration(
             node_id=reg.node_id,
             addresses=reg.addresses,
@@ -239,7 +245,9 @@ class NmsCore:
     ) -> list[Outgoing]:
         node = self.store.get_node(node_id)
         if node is None:
-            return self._reply(ch, src, sig.Error(msg.txid, ErrorCode.NOT_AUTHORIZED, "node unknown"))
+            return self._reply(
+                ch, src, sig.Error(msg.txid, ErrorCode.NOT_AUTHORIZED, "node unknown")
+            )
         old = self.store.get_registration(node_id)
         observed = old.observed if old and old.addresses == msg.addresses else ()
         reg = Registration(
@@ -308,7 +316,9 @@ class NmsCore:
         if cn_node is None:
             return self._error(ch, msg, src, ErrorCode.UNKNOWN_FQDN, f"unknown FQDN {fqdn}")
         if cn_node.node_id == node_id:
-            return self._error(ch, msg, src, ErrorCode.BAD_REQUEST, "a node cannot direct to itself")
+            return self._error(
+                ch, msg, src, ErrorCode.BAD_REQUEST, "a node cannot direct to itself"
+            )
         cn_reg = self.store.get_registration(cn_node.node_id)
         if cn_reg is None:
             return self._error(ch, msg, src, ErrorCode.NOT_REGISTERED, f"{fqdn} is not online")
@@ -350,16 +360,26 @@ class NmsCore:
         )
         cn_addrs = tuple(self._view(cn_reg).observed.values())
         p = _Pending(
-            session_id, ch.key_id, msg.txid, src, cn_reg.key_id, cn_addrs,
-            to_cn.pack(), to_mn.pack(), now,
+            session_id,
+            ch.key_id,
+            msg.txid,
+            src,
+            cn_reg.key_id,
+            cn_addrs,
+            to_cn.pack(),
+            to_mn.pack(),
+            now,
         )
         self.pending[session_id] = p
         self.pending_by_request[request] = session_id
         self.durations.append(time.perf_counter() - started)
         del self.durations[:-1000]
         log.info(
-            "direction %s -> %s: %s (%s)", mn_node.fqdn, cn_node.fqdn,
-            decision.path.name, decision.reason.name,
+            "direction %s -> %s: %s (%s)",
+            mn_node.fqdn,
+            cn_node.fqdn,
+            decision.path.name,
+            decision.reason.name,
         )
         return self._send_to_cn(p, now)
 

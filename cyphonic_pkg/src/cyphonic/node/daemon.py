@@ -86,7 +86,8 @@ class NodeDaemon:
         cert = cfg.state_dir / "node.crt"
         if not cert.exists():
             raise ConfigError(
-                f"{cfg.path}: [node] state_dir: no certificate at {cert}; run `cyphonic enroll` first"
+                f"{cfg.path}: [node] state_dir: no certificate at {cert}; "
+                "run `cyphonic enroll` first"
             )
         self.counters = Counters()
         self.peers: dict[str, Peer] = {}
@@ -116,15 +117,23 @@ class NodeDaemon:
         self.tun = self.tun_factory(self.cfg.tun_name)
         # pyroute2's synchronous IPRoute runs its own loop: keep it off ours
         await asyncio.to_thread(
-            self.netlink.configure_tun, self.tun.name, self.cfg.mtu, self.vip4, ipaddress.IPv4Network(lr.vip4_pool),
-            self.vip6, ipaddress.IPv6Network(lr.vip6_pool),
+            self.netlink.configure_tun,
+            self.tun.name,
+            self.cfg.mtu,
+            self.vip4,
+            ipaddress.IPv4Network(lr.vip4_pool),
+            self.vip6,
+            ipaddress.IPv6Network(lr.vip6_pool),
         )
         self._open_sockets()
         loop = asyncio.get_running_loop()
         loop.add_reader(self.tun.fileno(), self._tun_readable)
         self.resolver = CyphonicResolver(
-            self.cfg.domain, self._lookup, self.cfg.resolver_upstream,
-            ttl=self.cfg.resolver_ttl, lookup_timeout=self.cfg.lookup_timeout,
+            self.cfg.domain,
+            self._lookup,
+            self.cfg.resolver_upstream,
+            ttl=self.cfg.resolver_ttl,
+            lookup_timeout=self.cfg.lookup_timeout,
         )
         await self.resolver.start(self.cfg.resolver_listen)
         await self._register()
@@ -154,8 +163,12 @@ class NodeDaemon:
         while True:
             try:
                 lr = await login(
-                    self.cfg.as_host, self.cfg.as_port, self.cfg.ca_cert, self.cfg.state_dir,
-                    self.cfg.fqdn, self.cfg.domain,
+                    self.cfg.as_host,
+                    self.cfg.as_port,
+                    self.cfg.ca_cert,
+                    self.cfg.state_dir,
+                    self.cfg.fqdn,
+                    self.cfg.domain,
                 )
                 break
             except CyphonicError as exc:
@@ -189,7 +202,9 @@ class NodeDaemon:
                 s.close()
                 if family == socket.AF_INET6 and exc.errno == 97:
                     continue  # no IPv6 on this host
-                raise CyphonicError(f"cannot bind udp port {self.cfg.port}: {exc.strerror}") from exc
+                raise CyphonicError(
+                    f"cannot bind udp port {self.cfg.port}: {exc.strerror}"
+                ) from exc
             s.setblocking(False)
             fam = 6 if family == socket.AF_INET6 else 4
             self.socks[fam] = s
@@ -240,8 +255,10 @@ class NodeDaemon:
             if ok:
                 self.registered = True
                 self.addresses = addrs
-                log.info("registered with NMS (observed %s)",
-                         ", ".join(format_endpoint(e) for e in self.observed.values()))
+                log.info(
+                    "registered with NMS (observed %s)",
+                    ", ".join(format_endpoint(e) for e in self.observed.values()),
+                )
                 return
             self.registered = False
             await asyncio.sleep(2.0)
@@ -297,10 +314,17 @@ class NodeDaemon:
         if old is not None and old.session_id == rd.session_id:
             return old  # retransmitted Route Direction
         peer = Peer(
-            fqdn=rd.peer_fqdn, vip4=rd.peer_vip4, vip6=rd.peer_vip6,
-            static_pub=ident.x25519_public, session_id=rd.session_id, psk=rd.tunnel_key,
-            role=Role(rd.role), path=Path(rd.path), reason=Reason(rd.reason),
-            endpoints=rd.endpoints, endpoint=rd.endpoints[0] if rd.endpoints else None,
+            fqdn=rd.peer_fqdn,
+            vip4=rd.peer_vip4,
+            vip6=rd.peer_vip6,
+            static_pub=ident.x25519_public,
+            session_id=rd.session_id,
+            psk=rd.tunnel_key,
+            role=Role(rd.role),
+            path=Path(rd.path),
+            reason=Reason(rd.reason),
+            endpoints=rd.endpoints,
+            endpoint=rd.endpoints[0] if rd.endpoints else None,
         )
         if old is not None:
             # keep the tunnel that works until the new handshake replaces it
@@ -359,7 +383,8 @@ class NodeDaemon:
             raise CyphonicError("not registered with NMS")
         t0 = time.perf_counter()
         rd = await self.client.request(
-            sig.DirectionRequest(self.client.next_txid(), fqdn), targets[0],
+            sig.DirectionRequest(self.client.next_txid(), fqdn),
+            targets[0],
             timeout=self.cfg.lookup_timeout,
         )
         if not isinstance(rd, sig.RouteDirection):

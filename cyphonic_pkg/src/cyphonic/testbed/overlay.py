@@ -96,8 +96,8 @@ class OverlayLab:
         self.cloud_config.write_text(
             f"""[cloud]
 domain = "{DOMAIN}"
-state_dir = "{d / 'state'}"
-status_socket = "{self.status_socket('cloud')}"
+state_dir = "{d / "state"}"
+status_socket = "{self.status_socket("cloud")}"
 log_level = "info"
 
 [as]
@@ -123,20 +123,20 @@ vip6 = "fd43:5950::/64"
             f"""[node]
 fqdn = "{n.fqdn}"
 domain = "{DOMAIN}"
-state_dir = "{d / 'state'}"
+state_dir = "{d / "state"}"
 status_socket = "{self.status_socket(n.name)}"
 log_level = "info"
 
 [as]
 host = "{as_host}"
-ca_cert = "{self.workdir / 'cloud' / 'state' / 'ca' / 'ca.crt'}"
+ca_cert = "{self.workdir / "cloud" / "state" / "ca" / "ca.crt"}"
 
 [tun]
 name = "cyph0"
 
 [resolver]
 listen = ["127.0.0.1:53", "[::1]:53"]
-upstream = ["{CLOUD_V4 if n.v4 else '[' + CLOUD_V6 + ']'}:53"]
+upstream = ["{CLOUD_V4 if n.v4 else "[" + CLOUD_V6 + "]"}:53"]
 """
         )
 
@@ -154,13 +154,25 @@ upstream = ["{CLOUD_V4 if n.v4 else '[' + CLOUD_V6 + ']'}:53"]
 
     def start_upstream_dns(self) -> None:
         recs = [f"--record={k}={v}" for k, v in UPSTREAM_RECORDS.items()]
-        self._spawn("cloud", "upstream-dns", [
-            sys.executable, "-m", "cyphonic.testbed.upstream_dns",
-            "--listen", f"{CLOUD_V4}:53", "--listen", f"[{CLOUD_V6}]:53", *recs,
-        ])
+        self._spawn(
+            "cloud",
+            "upstream-dns",
+            [
+                sys.executable,
+                "-m",
+                "cyphonic.testbed.upstream_dns",
+                "--listen",
+                f"{CLOUD_V4}:53",
+                "--listen",
+                f"[{CLOUD_V6}]:53",
+                *recs,
+            ],
+        )
 
     def start_cloud(self) -> None:
-        self._spawn("cloud", "cloud", [*cyphonic_cmd(), "cloud", "--config", str(self.cloud_config)])
+        self._spawn(
+            "cloud", "cloud", [*cyphonic_cmd(), "cloud", "--config", str(self.cloud_config)]
+        )
         self.wait(lambda: self.status_socket("cloud").exists(), 20, "cloud status socket")
 
     def stop(self, name: str) -> None:
@@ -182,8 +194,9 @@ upstream = ["{CLOUD_V4 if n.v4 else '[' + CLOUD_V6 + ']'}:53"]
         self.topo.set_resolver(n.name, "127.0.0.1")
 
     def start_node(self, n: NodeSpec) -> None:
-        self._spawn(n.name, n.name, [*cyphonic_cmd(), "node", "--config",
-                                      str(self.node_config(n.name))])
+        self._spawn(
+            n.name, n.name, [*cyphonic_cmd(), "node", "--config", str(self.node_config(n.name))]
+        )
 
     def status(self, name: str) -> dict[str, Any]:
         out = self.cli(name, "status", "--json", "--socket", str(self.status_socket(name)))
