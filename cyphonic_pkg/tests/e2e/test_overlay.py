@@ -25,7 +25,8 @@ pytestmark = [
 ]
 
 NODES = [
-    NodeSpec("a", "198.51.100.20", "2001:db8:100::20"),
+    # a rekeys every 3 s, so every test also exercises rekeying under traffic
+    NodeSpec("a", "198.51.100.20", "2001:db8:100::20", extra="[tunnel]\nrekey_after = 3\n"),
     NodeSpec("b", "198.51.100.30", "2001:db8:100::30"),
     NodeSpec("c", "198.51.100.40", "2001:db8:100::40"),
 ]
@@ -324,3 +325,14 @@ def test_nms_port_closed_to_plain_udp_probe(lab: OverlayLab) -> None:
         "except OSError:\n    print('silent')\n"
     )
     assert run(lab, "a", sys.executable, "-c", code).strip() == "silent"
+
+
+def test_rekey_under_traffic_loses_nothing(lab: OverlayLab) -> None:
+    run(lab, "a", "getent", "ahosts", "b.cyphonic.test")
+    before = peer(lab.status("a"), "b.cyphonic.test")["handshakes"]
+    out = run(
+        lab, "a", "ping", "-c", "50", "-i", "0.2", "-W", "2", lab.status("b")["vip4"], timeout=60
+    )
+    assert " 0% packet loss" in out
+    after = peer(lab.status("a"), "b.cyphonic.test")
+    assert after["handshakes"] >= before + 2  # ~10 s of traffic, rekey every 3 s

@@ -28,7 +28,13 @@ from cryptography import x509
 from cyphonic.auth.client import login
 from cyphonic.config import NodeConfig
 from cyphonic.crypto.channel import SignalingChannel
-from cyphonic.dataplane.session import Initiator, Keypair, generate_index, respond
+from cyphonic.dataplane.session import (
+    Initiator,
+    Keypair,
+    SessionPolicy,
+    generate_index,
+    respond,
+)
 from cyphonic.dataplane.tun import LinuxTun, TunDevice
 from cyphonic.errors import (
     ConfigError,
@@ -90,6 +96,10 @@ class NodeDaemon:
                 "run `cyphonic enroll` first"
             )
         self.counters = Counters()
+        # WireGuard's timings, scaled by the configured rekey interval
+        self.policy = SessionPolicy(
+            rekey_after_time=cfg.rekey_after, reject_after_time=cfg.rekey_after * 1.5
+        )
         self.peers: dict[str, Peer] = {}
         self.by_vip: dict[bytes, Peer] = {}
         self.by_session: dict[bytes, Peer] = {}
@@ -408,9 +418,15 @@ class NodeDaemon:
         else:
             peer.handshake_started = now
             peer.handshake_attempt = 0
-        index = generate_index()
+        index = generate_index(self.by_index.keys() | self.pending_index.keys())
         peer.initiator = Initiator(
-            self.keys.x25519_key, peer.static_pub, peer.psk, peer.session_id, index, now
+            self.keys.x25519_key,
+            peer.static_pub,
+            peer.psk,
+            peer.session_id,
+            index,
+            now,
+            policy=self.policy,
         )
         peer.handshake_sent = time.perf_counter()  # type: ignore[attr-defined]
         self.pending_index[index] = peer
@@ -421,9 +437,11 @@ class NodeDaemon:
             p = self.by_session.get(session_id)
             return (p.psk, p.static_pub, p.last_init_timestamp) if p else None
 
-        index = generate_index()
+        index = generate_index(self.by_index.keys() | self.pending_index.keys())
         try:
-            resp, kp, _static, timestamp = respond(data, self.keys.x25519_key, lookup, index, now)
+            resp, kp, _static, timestamp = respond(
+                data, self.keys.x25519_key, lookup, index, now, policy=self.policy
+            )
         except (CryptoError, DecodeError) as exc:
             self.counters.handshake_failed += 1
             log.debug("tunnel request from %s refused: %s", format_endpoint(src), exc)
@@ -472,6 +490,7 @@ class NodeDaemon:
             peer.next = None
         self.by_index[kp.local_index] = (peer, kp)
         peer.last_handshake = time.time()
+        peer.handshakes += 1
         peer.ready.set()
         while peer.queue:
             self._send_packet(peer, peer.queue.popleft())

@@ -35,6 +35,7 @@ class Peer:
     handshake_attempt: int = 0
     last_init_timestamp: bytes | None = None
     last_handshake: float | None = None  # wall clock, for status
+    handshakes: int = 0
     rx_bytes: int = 0
     tx_bytes: int = 0
     rx_packets: int = 0
@@ -70,6 +71,7 @@ class Peer:
             "rx_packets": self.rx_packets,
             "tx_packets": self.tx_packets,
             "last_handshake": self.last_handshake,
+            "handshakes": self.handshakes,
             "route_selection_ms": self.route_selection_ms,
             "tunnel_establishment_ms": self.tunnel_establishment_ms,
         }

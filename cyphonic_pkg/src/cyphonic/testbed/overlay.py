@@ -38,6 +38,7 @@ class NodeSpec:
     name: str
     v4: str | None
     v6: str | None
+    extra: str = ""  # appended to node.toml (e.g. a [tunnel] table)
 
     @property
     def fqdn(self) -> str:
@@ -137,7 +138,7 @@ name = "cyph0"
 [resolver]
 listen = ["127.0.0.1:53", "[::1]:53"]
 upstream = ["{CLOUD_V4 if n.v4 else "[" + CLOUD_V6 + "]"}:53"]
-"""
+{n.extra}"""
         )
 
     # -- processes --------------------------------------------------------------------
