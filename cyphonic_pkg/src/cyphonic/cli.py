@@ -126,8 +126,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     status = StatusServer(cfg.status_socket, daemon.status)
 
     async def start() -> None:
+        await status.start()  # first: `cyphonic status` works while AS/NMS are unreachable
         await daemon.start()
-        await status.start()
 
     async def stop() -> None:
         await status.stop()

@@ -183,3 +183,15 @@ def test_keepalive_from_new_address_updates_observed(
     assert isinstance(ack, sig.KeepAliveAck) and ack.observed == moved
     reg = store.get_registration(a.node_id)
     assert reg is not None and "203.0.113.7:41234" in reg.observed
+
+
+def test_direction_by_vip(env: tuple[SQLiteStore, NmsCore, Node, Node]) -> None:
+    _, core, a, b = env
+    register(core, a)
+    register(core, b)
+    out = core.handle(a.send(sig.DirectionRequest(7, vip="fd43::30")), a.addr, NOW)
+    (to_cn,) = b.read(out)
+    assert isinstance(to_cn, sig.RouteDirection) and to_cn.peer_fqdn == a.fqdn
+    out = core.handle(a.send(sig.DirectionRequest(8, vip="10.64.0.99")), a.addr, NOW)
+    (err,) = a.read(out)
+    assert isinstance(err, sig.Error) and err.code == ErrorCode.UNKNOWN_FQDN

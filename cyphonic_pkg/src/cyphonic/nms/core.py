@@ -303,18 +303,23 @@ class NmsCore:
         if cached is not None:
             return [Outgoing(ch.seal(cached), src)]
         started = time.perf_counter()
-        fqdn = msg.fqdn.lower().rstrip(".")
-        if not fqdn.endswith("." + self.domain):
-            return self._error(
-                ch, msg, src, ErrorCode.NOT_AUTHORIZED, f"{fqdn} is outside {self.domain}"
-            )
+        if msg.vip is not None:
+            fqdn = msg.vip
+            cn_node = self.store.get_node_by_vip(msg.vip)
+        else:
+            fqdn = (msg.fqdn or "").lower().rstrip(".")
+            if not fqdn.endswith("." + self.domain):
+                return self._error(
+                    ch, msg, src, ErrorCode.NOT_AUTHORIZED, f"{fqdn} is outside {self.domain}"
+                )
+            cn_node = self.store.get_node_by_fqdn(fqdn)
         mn_reg = self.store.get_registration(node_id)
         mn_node = self.store.get_node(node_id)
         if mn_reg is None or mn_node is None:
             return self._error(ch, msg, src, ErrorCode.NOT_REGISTERED, "register first")
-        cn_node = self.store.get_node_by_fqdn(fqdn)
         if cn_node is None:
-            return self._error(ch, msg, src, ErrorCode.UNKNOWN_FQDN, f"unknown FQDN {fqdn}")
+            return self._error(ch, msg, src, ErrorCode.UNKNOWN_FQDN, f"unknown peer {fqdn}")
+        fqdn = cn_node.fqdn
         if cn_node.node_id == node_id:
             return self._error(
                 ch, msg, src, ErrorCode.BAD_REQUEST, "a node cannot direct to itself"

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 DRAIN = 64
 HANDSHAKE_RETRY = (0.2, 0.4, 0.8, 1.6)
 TIMER = 0.5
+VIP_RETRY = 2.0  # at most one direction-by-VIP request per unknown VIP per 2 s
+KEEPALIVE_AFTER = 10.0  # passive keepalive: answer received data within this (WireGuard)
+DEAD_AFTER = 15.0  # sent data but heard nothing for this long: set the tunnel up again
 SOCKBUF = 4 * 1024 * 1024
 
 
@@ -106,6 +109,8 @@ class NodeDaemon:
         self.by_index: dict[int, tuple[Peer, Keypair]] = {}
         self.pending_index: dict[int, Peer] = {}
         self.lookups: dict[str, asyncio.Task[Peer]] = {}
+        self.vip_backoff: dict[str, float] = {}
+        self.vip_waiting: dict[bytes, bytes] = {}
         self.socks: dict[int, socket.socket] = {}
         self.tun: TunDevice | None = None
         self.login_result: Any = None
@@ -118,6 +123,11 @@ class NodeDaemon:
         self._relogin = asyncio.Event()
         self.vip4 = ""
         self.vip6 = ""
+        self.nms: list[Endpoint] = []
+        self.addresses: tuple[str, ...] = ()
+        self.keepalive_interval = 20
+        self.pool4 = ipaddress.IPv4Network("0.0.0.0/32")
+        self.pool6 = ipaddress.IPv6Network("::/128")
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -146,7 +156,8 @@ class NodeDaemon:
             lookup_timeout=self.cfg.lookup_timeout,
         )
         await self.resolver.start(self.cfg.resolver_listen)
-        await self._register()
+        self.pool4 = ipaddress.IPv4Network(lr.vip4_pool)
+        self.pool6 = ipaddress.IPv6Network(lr.vip6_pool)
         self._tasks = [
             asyncio.create_task(self._keepalive_loop()),
             asyncio.create_task(self._timer_loop()),
@@ -275,9 +286,10 @@ class NodeDaemon:
 
     async def _keepalive_loop(self) -> None:
         assert self.client is not None
+        await self._register()
         failures = 0
         while True:
-            await asyncio.sleep(getattr(self, "keepalive_interval", 20))
+            await asyncio.sleep(self.keepalive_interval)
             lr = self.login_result
             try:
                 if lr.key_expires_at - time.time() < 60:
@@ -352,6 +364,10 @@ class NodeDaemon:
         self.by_session[peer.session_id] = peer
         self.by_vip[peer.vip4_packed] = peer
         self.by_vip[peer.vip6_packed] = peer
+        for packed in (peer.vip4_packed, peer.vip6_packed):
+            waiting = self.vip_waiting.pop(packed, None)
+            if waiting is not None:
+                peer.queue.append(waiting)
         return peer
 
     # -- resolver hook: route selection + tunnel establishment --------------------------
@@ -362,11 +378,7 @@ class NodeDaemon:
             return LookupResult(LookupStatus.OK, (self.vip4 if want == 4 else self.vip6,))
         peer = self.peers.get(fqdn)
         if peer is None or peer.current is None:
-            task = self.lookups.get(fqdn)
-            if task is None:
-                task = asyncio.create_task(self._establish(fqdn))
-                self.lookups[fqdn] = task
-                task.add_done_callback(self._lookup_done)
+            task = self._establish_task(fqdn)
             try:
                 peer = await asyncio.shield(task)
             except SignalingError as exc:
@@ -379,6 +391,18 @@ class NodeDaemon:
                 return LookupResult(LookupStatus.SERVFAIL, ())
         return LookupResult(LookupStatus.OK, (peer.vip4 if want == 4 else peer.vip6,))
 
+    def _establish_task(
+        self, fqdn: str | None = None, vip: str | None = None
+    ) -> asyncio.Task[Peer]:
+        """The running route selection + handshake for this peer, started if none runs."""
+        key = fqdn or vip or ""
+        task = self.lookups.get(key)
+        if task is None:
+            task = asyncio.create_task(self._establish(fqdn, vip))
+            self.lookups[key] = task
+            task.add_done_callback(self._lookup_done)
+        return task
+
     def _lookup_done(self, task: asyncio.Task[Peer]) -> None:
         for fqdn, t in list(self.lookups.items()):
             if t is task:
@@ -386,14 +410,14 @@ class NodeDaemon:
         if not task.cancelled():
             task.exception()  # retrieved: the waiting resolver queries report it
 
-    async def _establish(self, fqdn: str) -> Peer:
+    async def _establish(self, fqdn: str | None, vip: str | None = None) -> Peer:
         assert self.client is not None
         targets = self._nms_targets()
         if not targets or not self.registered:
             raise CyphonicError("not registered with NMS")
         t0 = time.perf_counter()
         rd = await self.client.request(
-            sig.DirectionRequest(self.client.next_txid(), fqdn),
+            sig.DirectionRequest(self.client.next_txid(), fqdn=fqdn, vip=vip),
             targets[0],
             timeout=self.cfg.lookup_timeout,
         )
@@ -512,9 +536,12 @@ class NodeDaemon:
             self._start_handshake(peer, time.monotonic())
             return
         self._send(data, peer.endpoint)
+        peer.last_tx = now
         if packet:
             peer.tx_bytes += len(packet)
             peer.tx_packets += 1
+            if not peer.unanswered_since:
+                peer.unanswered_since = now
 
     def _tun_readable(self) -> None:
         assert self.tun is not None
@@ -535,9 +562,23 @@ class NodeDaemon:
                 continue
             peer = self.by_vip.get(dst)
             if peer is None:
-                self.counters.no_route += 1
+                self._unknown_vip(dst, pkt)
                 continue
             self._send_packet(peer, pkt)
+
+    def _unknown_vip(self, dst: bytes, pkt: bytes) -> None:
+        """A packet for a VIP without a tunnel (e.g. after a restart): ask NMS by VIP."""
+        self.counters.no_route += 1
+        addr = ipaddress.ip_address(dst)
+        if addr not in (self.pool4 if addr.version == 4 else self.pool6):
+            return
+        key = str(addr)
+        now = time.monotonic()
+        if self.vip_backoff.get(key, 0.0) > now:
+            return
+        self.vip_backoff[key] = now + VIP_RETRY
+        self.vip_waiting[dst] = pkt  # sent once the tunnel is up (the latest packet only)
+        self._establish_task(vip=key)
 
     def _sock_readable(self, s: socket.socket) -> None:
         now = time.monotonic()
@@ -589,6 +630,7 @@ class NodeDaemon:
             return
         if kp is peer.next:
             self._promote(peer, kp)
+        peer.unanswered_since = 0.0
         if peer.endpoint != src:
             log.info("peer %s moved to %s", peer.fqdn, format_endpoint(src))
             peer.endpoint = src  # roaming: authenticated data from a new address
@@ -606,6 +648,7 @@ class NodeDaemon:
             return
         peer.rx_bytes += len(pkt)
         peer.rx_packets += 1
+        peer.last_rx_data = now
         assert self.tun is not None
         try:
             self.tun.write(pkt)
@@ -627,17 +670,34 @@ class NodeDaemon:
             if elapsed > self.cfg.handshake_timeout:
                 self.pending_index.pop(peer.initiator.local_index, None)
                 peer.initiator = None
-                peer.queue.clear()
-                log.warning("tunnel handshake with %s timed out", peer.fqdn)
+                log.warning("tunnel handshake with %s timed out; asking NMS again", peer.fqdn)
+                # the peer may have restarted and forgotten the session: a fresh route
+                # direction gives both sides a new one (at most one such request at a time)
+                if peer.fqdn not in self.lookups:
+                    peer.queue.clear()
+                    self._establish_task(fqdn=peer.fqdn)
                 return
             due = sum(HANDSHAKE_RETRY[: peer.handshake_attempt + 1])
             if elapsed >= due:
                 peer.handshake_attempt += 1
                 self._start_handshake(peer, now)
             return
+        if peer.unanswered_since and now - peer.unanswered_since >= DEAD_AFTER:
+            # we send, nothing comes back (the peer restarted and lost its keys, or its
+            # address changed): ask NMS for a fresh route direction and handshake
+            log.info(
+                "no answer from %s for %.0f s: setting the tunnel up again",
+                peer.fqdn,
+                now - peer.unanswered_since,
+            )
+            peer.unanswered_since = 0.0
+            self._establish_task(fqdn=peer.fqdn)
+            return
         kp = peer.current
         if kp is None:
             return
+        if peer.last_rx_data > peer.last_tx and now - peer.last_rx_data >= KEEPALIVE_AFTER:
+            self._send_packet(peer, b"")  # passive keepalive: "still here"
         if peer.role == Role.INITIATOR and kp.needs_rekey(now):
             self._start_handshake(peer, now)
         for old in (peer.previous,):
@@ -660,7 +720,7 @@ class NodeDaemon:
             "vip4": self.vip4,
             "vip6": self.vip6,
             "registered": self.registered,
-            "nms": [format_endpoint(e) for e in getattr(self, "nms", [])],
+            "nms": [format_endpoint(e) for e in self.nms],
             "observed": {str(k): format_endpoint(v) for k, v in self.observed.items()},
             "tun": self.tun.name if self.tun else None,
             "uptime": round(time.time() - self.started, 1),

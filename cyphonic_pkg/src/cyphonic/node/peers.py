@@ -36,6 +36,9 @@ class Peer:
     last_init_timestamp: bytes | None = None
     last_handshake: float | None = None  # wall clock, for status
     handshakes: int = 0
+    last_tx: float = 0.0  # monotonic; any datagram, keepalives included
+    last_rx_data: float = 0.0  # monotonic; last non-empty packet received
+    unanswered_since: float = 0.0  # first data packet sent since we last heard from the peer
     rx_bytes: int = 0
     tx_bytes: int = 0
     rx_packets: int = 0

@@ -152,6 +152,10 @@ class Store(Protocol):
     def get_node_by_fqdn(self, fqdn: str) -> NodeRecord | None:
         """The node with this FQDN, or ``None``."""
 
+    def get_node_by_vip(self, vip: str) -> NodeRecord | None:
+        """The node holding this VIPv4 or VIPv6, or ``None``."""
+        ...
+
     def list_nodes(self) -> list[NodeRecord]:
         """All nodes, ordered by FQDN."""
 

@@ -391,6 +391,14 @@ class SQLiteStore:
         )
         return self._node(rows[0]) if rows else None
 
+    def get_node_by_vip(self, vip: str) -> NodeRecord | None:
+        """The node holding this VIPv4 or VIPv6 (canonical text form), or ``None``."""
+        rows = self._query(
+            f"SELECT {self._NODE_COLUMNS} FROM nodes WHERE vip4 = ? OR vip6 = ?",  # noqa: S608
+            (vip, vip),
+        )
+        return self._node(rows[0]) if rows else None
+
     def list_nodes(self) -> list[NodeRecord]:
         """All nodes, ordered by FQDN."""
         rows = self._query(f"SELECT {self._NODE_COLUMNS} FROM nodes ORDER BY fqdn")  # noqa: S608

@@ -303,11 +303,24 @@ class KeepAliveAck(Message):
 
 @dataclass(frozen=True)
 class DirectionRequest(Message):
-    """MN -> NMS: "I want to talk to this FQDN" (triggered by a DNS query)."""
+    """MN -> NMS: "I want to talk to this FQDN" (triggered by a DNS query).
+
+    Instead of the FQDN the MN may name the peer's VIP (``vip``): a node that
+    restarted, or whose peer restarted, still has packets for VIPs an
+    application resolved earlier.
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.DIRECTION_REQUEST
-    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (FieldSpec("fqdn", 1, Kind.STR),)
-    fqdn: str = ""
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        FieldSpec("fqdn", 1, Kind.STR, optional=True),
+        FieldSpec("vip", 2, Kind.IP, optional=True),
+    )
+    fqdn: str | None = None
+    vip: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fqdn is None) == (self.vip is None):
+            raise ValueError("exactly one of fqdn and vip")
 
 
 @dataclass(frozen=True)
