@@ -54,7 +54,7 @@ def up() -> int:
         lab.destroy()
         raise
     say("ping b.cyphonic.test from a (DNS query -> route selection -> tunnel -> ICMP)")
-    r = lab.topo.run("a", ["ping", "-c", "3", "-i", "0.3", "b.cyphonic.test"], check=False)
+    r = lab.topo.run("a", ["ping", "-4", "-c", "3", "-i", "0.3", "b.cyphonic.test"], check=False)
     print(r.stdout, r.stderr, sep="", end="")
     r6 = lab.topo.run("a", ["ping", "-6", "-c", "2", "-i", "0.3", "b.cyphonic.test"], check=False)
     print(r6.stdout, r6.stderr, sep="", end="")
