@@ -177,7 +177,7 @@ def load_cloud_config(path: Path) -> CloudConfig:
         nms_listen=nms_listen,
         nms_public=n.conv("public", list, _endpoint_strs, None)
         or [format_endpoint(ep) for ep in nms_listen if not ip_address(ep[0]).is_unspecified],
-        keepalive_interval=n.positive("keepalive_interval", int, 20),
+        keepalive_interval=n.conv("keepalive_interval", int, _keepalive, 20),
         direction_timeout=n.positive("direction_timeout", float, 5.0),
         pool4=p.conv("vip4", str, ipaddress.IPv4Network),
         pool6=p.conv("vip6", str, ipaddress.IPv6Network),
@@ -262,6 +262,12 @@ def _domain(value: str) -> str:
     ):
         raise ValueError(f"{value!r} is not a valid domain name (e.g. cyphonic.example)")
     return d
+
+
+def _keepalive(value: int) -> int:
+    if not 1 <= value <= 300:
+        raise ValueError("must be between 1 and 300 seconds (NAT bindings expire after ~30 s)")
+    return value
 
 
 def _ifname(value: str) -> str:

@@ -354,3 +354,12 @@ def test_node_restart_recovers_without_dns(lab: OverlayLab) -> None:
     print(f"tunnel back {time.monotonic() - t0:.1f} s after b's restart", file=sys.stderr)
     # and from b's side, to a VIP it never resolved since its restart
     run(lab, "b", "ping", "-c", "1", "-W", "2", lab.status("a")["vip4"])
+
+
+def test_simultaneous_lookups_both_ways(lab: OverlayLab) -> None:
+    """b and c resolve each other at the same moment: two sessions, both tunnels usable."""
+    p1 = lab.topo.popen("b", ["getent", "ahosts", "c.cyphonic.test"], stdout=subprocess.PIPE)
+    p2 = lab.topo.popen("c", ["getent", "ahosts", "b.cyphonic.test"], stdout=subprocess.PIPE)
+    assert p1.wait(20) == 0 and p2.wait(20) == 0
+    run(lab, "b", "ping", "-c", "3", "-i", "0.2", "-W", "2", lab.status("c")["vip4"])
+    run(lab, "c", "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", lab.status("b")["vip6"])

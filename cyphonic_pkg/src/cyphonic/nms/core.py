@@ -102,6 +102,8 @@ class NmsCore:
         self._txid = int.from_bytes(random(4), "big")
         self._dirty_marks: set[int] = set()
         self._last_flush = 0.0
+        self.last_seen: dict[int, float] = {}
+        self.started = time.time()
         self.durations: list[float] = []  # route selection times (s), for bench/status
 
     # -- entry points -----------------------------------------------------------------
@@ -140,6 +142,7 @@ class NmsCore:
                 ),
             )
         node_id = self.key_node[header.key_id]
+        self.last_seen[node_id] = now
         if isinstance(msg, sig.Registration):
             return self._registration(channel, node_id, msg, src, now)
         if isinstance(msg, sig.KeepAlive):
@@ -209,6 +212,11 @@ class NmsCore:
             self.answers.popitem(last=False)
         ch = self.channels.get(key_id)
         return [Outgoing(ch.seal(plain), dst)] if ch else []
+
+    def _offline(self, reg: Registration, now: float) -> bool:
+        """No keepalive for three intervals (a restarted NMS counts from its start)."""
+        seen = self.last_seen.get(reg.node_id, max(reg.last_seen, self.started))
+        return now - seen > 3 * self.keepalive_interval
 
     def _view(self, reg: Registration) -> NodeView:
         return NodeView.from_strings(reg.node_id, reg.addresses, reg.port, reg.observed)
@@ -325,7 +333,7 @@ class NmsCore:
                 ch, msg, src, ErrorCode.BAD_REQUEST, "a node cannot direct to itself"
             )
         cn_reg = self.store.get_registration(cn_node.node_id)
-        if cn_reg is None:
+        if cn_reg is None or self._offline(cn_reg, now):
             return self._error(ch, msg, src, ErrorCode.NOT_REGISTERED, f"{fqdn} is not online")
         cn_ch = self._channel(cn_reg.key_id, now)
         if cn_ch is None or self.key_expiry[cn_reg.key_id] < now:

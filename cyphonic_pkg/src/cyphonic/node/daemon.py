@@ -105,7 +105,7 @@ class NodeDaemon:
         )
         self.peers: dict[str, Peer] = {}
         self.by_vip: dict[bytes, Peer] = {}
-        self.by_session: dict[bytes, Peer] = {}
+        self.by_session: dict[bytes, tuple[Peer, bytes]] = {}  # session id -> (peer, psk)
         self.by_index: dict[int, tuple[Peer, Keypair]] = {}
         self.pending_index: dict[int, Peer] = {}
         self.lookups: dict[str, asyncio.Task[Peer]] = {}
@@ -123,6 +123,8 @@ class NodeDaemon:
         self._relogin = asyncio.Event()
         self.vip4 = ""
         self.vip6 = ""
+        self.vip4_packed = b""
+        self.vip6_packed = b""
         self.nms: list[Endpoint] = []
         self.addresses: tuple[str, ...] = ()
         self.keepalive_interval = 20
@@ -200,6 +202,8 @@ class NodeDaemon:
                 delay = min(delay * 2, 30.0)
         self.login_result = lr
         self.vip4, self.vip6 = str(lr.vip4), str(lr.vip6)
+        self.vip4_packed = ipaddress.IPv4Address(self.vip4).packed
+        self.vip6_packed = ipaddress.IPv6Address(self.vip6).packed
         channel = SignalingChannel(lr.key_id, lr.common_key, sig.Direction.TO_NMS)
         if self.client is None:
             self.client = SignalingClient(channel, self._send, self._on_push)
@@ -253,6 +257,7 @@ class NodeDaemon:
     async def _register(self) -> None:
         """Register over every address family NMS and this node share."""
         assert self.client is not None
+        attempts = 0
         while True:
             addrs = await self._real_addresses()
             ok = False
@@ -282,6 +287,10 @@ class NodeDaemon:
                 )
                 return
             self.registered = False
+            attempts += 1
+            if attempts % 3 == 0:
+                # NMS may no longer know our key (database reset): get a fresh one
+                await self._login(forever=True)
             await asyncio.sleep(2.0)
 
     async def _keepalive_loop(self) -> None:
@@ -297,12 +306,21 @@ class NodeDaemon:
                 if await self._real_addresses() != self.addresses:
                     await self._register()
                     continue
+                answered = 0
+                last_exc: RequestTimeout | None = None
                 for target in self._nms_targets():
-                    ack = await self.client.request(
-                        sig.KeepAlive(self.client.next_txid()), target, timeout=3.0
-                    )
+                    try:
+                        ack = await self.client.request(
+                            sig.KeepAlive(self.client.next_txid()), target, timeout=3.0
+                        )
+                    except RequestTimeout as exc:
+                        last_exc = exc  # one family down is not NMS down
+                        continue
                     assert isinstance(ack, sig.KeepAliveAck)
                     self.observed[6 if ":" in target[0] else 4] = ack.observed
+                    answered += 1
+                if not answered and last_exc is not None:
+                    raise last_exc
                 failures = 0
             except SignalingError as exc:
                 log.info("NMS: %s; logging in again", exc)
@@ -319,8 +337,8 @@ class NodeDaemon:
 
     def _on_push(self, msg: sig.Message, src: Endpoint) -> sig.Message | None:
         """A Route Direction to this node as CN: prepare the peer, then confirm."""
-        if not isinstance(msg, sig.RouteDirection):
-            return None
+        if not isinstance(msg, sig.RouteDirection) or msg.role != Role.RESPONDER:
+            return None  # e.g. a late answer to a request that already timed out
         try:
             self._install_peer(msg)
         except CyphonicError as exc:
@@ -330,38 +348,46 @@ class NodeDaemon:
 
     def _install_peer(self, rd: sig.RouteDirection) -> Peer:
         ident = verify_node_certificate(self.ca_cert, rd.peer_cert, time.time(), rd.peer_fqdn)
-        if ident.fqdn != rd.peer_fqdn or rd.peer_vip4 == self.vip4:
+        if ident.fqdn != rd.peer_fqdn or rd.peer_vip4 == self.vip4 or rd.peer_vip6 == self.vip6:
             raise CryptoError("route direction does not match the peer certificate")
-        old = self.peers.get(rd.peer_fqdn)
-        if old is not None and old.session_id == rd.session_id:
-            return old  # retransmitted Route Direction
-        peer = Peer(
-            fqdn=rd.peer_fqdn,
-            vip4=rd.peer_vip4,
-            vip6=rd.peer_vip6,
-            static_pub=ident.x25519_public,
-            session_id=rd.session_id,
-            psk=rd.tunnel_key,
-            role=Role(rd.role),
-            path=Path(rd.path),
-            reason=Reason(rd.reason),
-            endpoints=rd.endpoints,
-            endpoint=rd.endpoints[0] if rd.endpoints else None,
-        )
-        if old is not None:
-            # keep the tunnel that works until the new handshake replaces it
-            peer.current, peer.previous, peer.next = old.current, old.previous, old.next
-            peer.rx_bytes, peer.tx_bytes = old.rx_bytes, old.tx_bytes
-            peer.rx_packets, peer.tx_packets = old.rx_packets, old.tx_packets
-            peer.last_init_timestamp = old.last_init_timestamp
-            peer.last_handshake = old.last_handshake
-            for kp in old.keypairs():
-                self.by_index[kp.local_index] = (peer, kp)
-            if old.current is not None:
-                peer.ready.set()
-            self.by_session.pop(old.session_id, None)
-        self.peers[peer.fqdn] = peer
-        self.by_session[peer.session_id] = peer
+        peer = self.peers.get(rd.peer_fqdn)
+        if peer is not None and peer.session_id == rd.session_id:
+            return peer  # retransmitted Route Direction
+        if peer is None:
+            peer = Peer(
+                fqdn=rd.peer_fqdn,
+                vip4=rd.peer_vip4,
+                vip6=rd.peer_vip6,
+                static_pub=ident.x25519_public,
+                session_id=rd.session_id,
+                psk=rd.tunnel_key,
+                role=Role(rd.role),
+                path=Path(rd.path),
+                reason=Reason(rd.reason),
+                endpoints=rd.endpoints,
+            )
+            self.peers[peer.fqdn] = peer
+        else:
+            # a new session for a known peer (both sides asked at once, a restart, a
+            # move): update in place, so handshakes in flight and the tunnel that works
+            # stay attached to the one Peer object until the new handshake replaces it
+            for packed in (peer.vip4_packed, peer.vip6_packed):
+                self.by_vip.pop(packed, None)
+            peer.vip4, peer.vip6 = rd.peer_vip4, rd.peer_vip6
+            peer.static_pub, peer.session_id, peer.psk = (
+                ident.x25519_public,
+                rd.session_id,
+                rd.tunnel_key,
+            )
+            peer.role, peer.path, peer.reason = Role(rd.role), Path(rd.path), Reason(rd.reason)
+            peer.endpoints = rd.endpoints
+        peer.endpoint = rd.endpoints[0] if rd.endpoints else None
+        # the previous session stays valid for Tunnel Requests already on their way;
+        # the one before it is forgotten
+        if peer.prev_session is not None and peer.prev_session != rd.session_id:
+            self.by_session.pop(peer.prev_session, None)
+        peer.prev_session = peer.session_id if peer.session_id != rd.session_id else None
+        self.by_session[rd.session_id] = (peer, rd.tunnel_key)
         self.by_vip[peer.vip4_packed] = peer
         self.by_vip[peer.vip6_packed] = peer
         for packed in (peer.vip4_packed, peer.vip6_packed):
@@ -458,8 +484,11 @@ class NodeDaemon:
 
     def _handshake_init(self, data: bytes, src: Endpoint, now: float) -> None:
         def lookup(session_id: bytes) -> tuple[bytes, bytes, bytes | None] | None:
-            p = self.by_session.get(session_id)
-            return (p.psk, p.static_pub, p.last_init_timestamp) if p else None
+            entry = self.by_session.get(session_id)
+            if entry is None:
+                return None
+            p, psk = entry
+            return (psk, p.static_pub, p.last_init_timestamp)
 
         index = generate_index(self.by_index.keys() | self.pending_index.keys())
         try:
@@ -470,7 +499,7 @@ class NodeDaemon:
             self.counters.handshake_failed += 1
             log.debug("tunnel request from %s refused: %s", format_endpoint(src), exc)
             return
-        peer = self.by_session[data[8:16]]
+        peer = self.by_session[data[8:16]][0]
         peer.last_init_timestamp = timestamp
         peer.endpoint = src
         if peer.next is not None:
@@ -638,9 +667,9 @@ class NodeDaemon:
             return  # keepalive
         version = pkt[0] >> 4
         if version == 4:
-            ok = pkt[12:16] == peer.vip4_packed
+            ok = pkt[12:16] == peer.vip4_packed and pkt[16:20] == self.vip4_packed
         elif version == 6:
-            ok = pkt[8:24] == peer.vip6_packed
+            ok = pkt[8:24] == peer.vip6_packed and pkt[24:40] == self.vip6_packed
         else:
             ok = False
         if not ok:
@@ -677,7 +706,8 @@ class NodeDaemon:
                     peer.queue.clear()
                     self._establish_task(fqdn=peer.fqdn)
                 return
-            due = sum(HANDSHAKE_RETRY[: peer.handshake_attempt + 1])
+            n = peer.handshake_attempt + 1
+            due = sum(HANDSHAKE_RETRY[:n]) + HANDSHAKE_RETRY[-1] * max(0, n - len(HANDSHAKE_RETRY))
             if elapsed >= due:
                 peer.handshake_attempt += 1
                 self._start_handshake(peer, now)
@@ -698,7 +728,7 @@ class NodeDaemon:
             return
         if peer.last_rx_data > peer.last_tx and now - peer.last_rx_data >= KEEPALIVE_AFTER:
             self._send_packet(peer, b"")  # passive keepalive: "still here"
-        if peer.role == Role.INITIATOR and kp.needs_rekey(now):
+        if kp.needs_rekey(now):
             self._start_handshake(peer, now)
         for old in (peer.previous,):
             if old is not None and old.expired(now):

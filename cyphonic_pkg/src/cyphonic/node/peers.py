@@ -36,6 +36,7 @@ class Peer:
     last_init_timestamp: bytes | None = None
     last_handshake: float | None = None  # wall clock, for status
     handshakes: int = 0
+    prev_session: bytes | None = None
     last_tx: float = 0.0  # monotonic; any datagram, keepalives included
     last_rx_data: float = 0.0  # monotonic; last non-empty packet received
     unanswered_since: float = 0.0  # first data packet sent since we last heard from the peer
