@@ -66,26 +66,50 @@ class NoPath(Exception):
 
 
 class RouteSelector:
-    """Chooses the path; IPv6 is preferred when both sides have it."""
+    """Chooses the path; IPv6 is preferred when both sides have it.
+
+    ``relay_available`` says whether a TRS is registered; without one the
+    relayed rows raise ``NoPath``.
+    """
 
     families = (6, 4)
 
-    def select(self, mn: NodeView, cn: NodeView) -> Decision:
+    def select(self, mn: NodeView, cn: NodeView, relay_available: bool = False) -> Decision:
         common = [f for f in self.families if f in mn.observed and f in cn.observed]
         if not common:
+            if relay_available:
+                return Decision(Path.RELAYED, Reason.NO_COMMON_FAMILY, (), ())
             raise NoPath(
                 ErrorCode.NO_PATH,
                 "no common address family between the nodes and no relay (TRS) available",
             )
+        # 1. a family where neither side is behind NAPT, else 2. where only the MN is
         for family in common:
             if not mn.behind_napt(family) and not cn.behind_napt(family):
-                return Decision(
-                    Path.DIRECT,
-                    Reason.COMMON_FAMILY_PUBLIC,
-                    (mn.observed[family],),
-                    (cn.observed[family],),
-                )
-        raise NoPath(
-            ErrorCode.NO_PATH,
-            "both families cross a NAPT; hole punching and relaying are not available yet",
-        )
+                return self._decide(Path.DIRECT, Reason.COMMON_FAMILY_PUBLIC, mn, cn, family)
+        for family in common:
+            if not cn.behind_napt(family):
+                # the MN's own packets open its NAPT mapping: a plain direct path
+                return self._decide(Path.DIRECT, Reason.MN_BEHIND_NAPT, mn, cn, family)
+        family = common[0]
+        mn_ep, cn_ep = mn.observed[family], cn.observed[family]
+        if mn.behind_napt(family) and mn_ep[0] == cn_ep[0]:
+            # same public address: behind the same NAPT, use the local addresses
+            mn_local = _local(mn, family)
+            cn_local = _local(cn, family)
+            if mn_local and cn_local:
+                return Decision(Path.LOCAL, Reason.SAME_NAPT, (mn_local,), (cn_local,))
+        if not mn.behind_napt(family):
+            return self._decide(Path.PUNCHED, Reason.CN_BEHIND_NAPT, mn, cn, family)
+        return self._decide(Path.PUNCHED, Reason.BOTH_BEHIND_NAPT, mn, cn, family)
+
+    @staticmethod
+    def _decide(path: Path, reason: Reason, mn: NodeView, cn: NodeView, family: int) -> Decision:
+        return Decision(path, reason, (mn.observed[family],), (cn.observed[family],))
+
+
+def _local(view: NodeView, family: int) -> Endpoint | None:
+    for addr in view.addresses:
+        if ipaddress.ip_address(addr).version == family:
+            return (addr, view.port)
+    return None

@@ -61,7 +61,8 @@ HANDSHAKE_RETRY = (0.2, 0.4, 0.8, 1.6)
 TIMER = 0.5
 VIP_RETRY = 2.0  # at most one direction-by-VIP request per unknown VIP per 2 s
 KEEPALIVE_AFTER = 10.0  # passive keepalive: answer received data within this (WireGuard)
-DEAD_AFTER = 15.0  # sent data but heard nothing for this long: set the tunnel up again
+DEAD_AFTER = 15.0
+NAT_KEEPALIVE = 20.0  # a NAPT on the path: keep its UDP mapping (~30 s timeout) alive  # sent data but heard nothing for this long: set the tunnel up again
 SOCKBUF = 4 * 1024 * 1024
 
 
@@ -76,6 +77,7 @@ class Counters:
     handshake_failed: int = 0
     tun_errors: int = 0
     send_errors: int = 0
+    punches: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -248,7 +250,13 @@ class NodeDaemon:
     # -- NMS signaling ----------------------------------------------------------------
 
     def _nms_targets(self) -> list[Endpoint]:
-        return [ep for ep in self.nms if (6 if ":" in ep[0] else 4) in self.socks]
+        """NMS endpoints in the families this host has a real address (and a socket) in."""
+        families = {6 if ":" in a else 4 for a in self.addresses}
+        return [
+            ep
+            for ep in self.nms
+            if (fam := 6 if ":" in ep[0] else 4) in self.socks and (fam in families or not families)
+        ]
 
     async def _real_addresses(self) -> tuple[str, ...]:
         addrs = await asyncio.to_thread(self.netlink.real_addresses, {self.cfg.tun_name})
@@ -260,6 +268,7 @@ class NodeDaemon:
         attempts = 0
         while True:
             addrs = await self._real_addresses()
+            self.addresses = addrs
             ok = False
             for target in self._nms_targets():
                 msg = sig.Registration(self.client.next_txid(), addrs, self.cfg.port)
@@ -340,10 +349,15 @@ class NodeDaemon:
         if not isinstance(msg, sig.RouteDirection) or msg.role != Role.RESPONDER:
             return None  # e.g. a late answer to a request that already timed out
         try:
-            self._install_peer(msg)
+            peer = self._install_peer(msg)
         except CyphonicError as exc:
             log.warning("route direction for %s refused: %s", msg.peer_fqdn, exc)
             return None
+        if peer.path == Path.PUNCHED:
+            # open our NAPT mapping toward the MN before NMS tells it to start: its
+            # Tunnel Request then arrives as an answer to traffic we sent
+            for ep in msg.endpoints:
+                self._send(bytes([PacketType.PUNCH]) + msg.session_id, ep)
         return sig.Confirmation(msg.txid, msg.session_id)
 
     def _install_peer(self, rd: sig.RouteDirection) -> Peer:
@@ -634,6 +648,8 @@ class NodeDaemon:
                     self._handshake_init(data, src, now)
                 elif kind == PacketType.HANDSHAKE_RESP:
                     self._handshake_resp(data, src, now)
+                elif kind == PacketType.PUNCH:
+                    self.counters.punches += 1
                 else:
                     self.counters.malformed += 1
             except Exception:  # a bug must never take the node down
@@ -728,6 +744,8 @@ class NodeDaemon:
             return
         if peer.last_rx_data > peer.last_tx and now - peer.last_rx_data >= KEEPALIVE_AFTER:
             self._send_packet(peer, b"")  # passive keepalive: "still here"
+        elif peer.reason != Reason.COMMON_FAMILY_PUBLIC and now - peer.last_tx >= NAT_KEEPALIVE:
+            self._send_packet(peer, b"")  # hold the NAPT mappings on the path open
         if kp.needs_rekey(now):
             self._start_handshake(peer, now)
         for old in (peer.previous,):

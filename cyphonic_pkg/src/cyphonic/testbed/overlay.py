@@ -39,6 +39,7 @@ class NodeSpec:
     v4: str | None
     v6: str | None
     extra: str = ""  # appended to node.toml (e.g. a [tunnel] table)
+    lan: str | None = None  # a RouterSpec's name: the node sits behind that NAPT router
 
     @property
     def fqdn(self) -> str:
@@ -46,10 +47,22 @@ class NodeSpec:
 
 
 @dataclass
+class RouterSpec:
+    """A NAPT router (nftables masquerade) between "the Internet" and a LAN."""
+
+    name: str
+    wan_v4: str | None
+    wan_v6: str | None
+    lan_v4: str | None = None  # LAN subnet, the router takes its first host address
+    lan_v6: str | None = None
+
+
+@dataclass
 class OverlayLab:
     prefix: str
     workdir: Path
     nodes: Sequence[NodeSpec] = ()
+    routers: Sequence[RouterSpec] = ()
     log: Callable[[str], None] = field(default=lambda _m: None)
     replace_stale: bool = False
     topo: Topology = field(init=False)
@@ -67,8 +80,20 @@ class OverlayLab:
         self.workdir.mkdir(parents=True)
         inet = self.topo.add_segment("inet", v4=INET_V4, v6=INET_V6)
         self.topo.add_host("cloud", inet, v4=CLOUD_V4, v6=CLOUD_V6)
+        for r in self.routers:
+            lan = self.topo.add_segment(f"l{r.name}", v4=r.lan_v4, v6=r.lan_v6)
+            self.topo.add_router(
+                r.name,
+                wan=inet,
+                wan_v4=r.wan_v4,
+                wan_v6=r.wan_v6,
+                lan=lan,
+                lan_v4=lan.addr4(1) if r.lan_v4 else None,
+                lan_v6=lan.addr6(1) if r.lan_v6 else None,
+            )
         for n in self.nodes:
-            self.topo.add_host(n.name, inet, v4=n.v4, v6=n.v6)
+            seg = self.topo.segment(f"l{n.lan}") if n.lan else inet
+            self.topo.add_host(n.name, seg, v4=n.v4, v6=n.v6)
         self.log(f"topology up in {time.monotonic() - t0:.2f} s")
         self._write_cloud_config()
         self.cli("cloud", "ca", "init", "--config", str(self.cloud_config))

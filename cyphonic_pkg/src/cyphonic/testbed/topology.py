@@ -343,6 +343,15 @@ def nat_ruleset(wan_ifname: str, *, symmetric: bool = False) -> str:
         f"    iifname {wan} ct state established,related accept\n"
         f"    iifname {wan} drop\n"
         "  }\n"
+        # like a home router, unsolicited traffic to the router itself is dropped too
+        # (ICMP and IPv6 ND excepted); otherwise a peer's hole-punching packet that hits
+        # the router would create a conntrack entry that steals the port mapping
+        "  chain input {\n"
+        "    type filter hook input priority filter; policy accept;\n"
+        f"    iifname {wan} ct state established,related accept\n"
+        f"    iifname {wan} meta l4proto {{ icmp, ipv6-icmp }} accept\n"
+        f"    iifname {wan} drop\n"
+        "  }\n"
         "}\n"
     )
 

@@ -77,7 +77,8 @@ class Reason(IntEnum):
     BOTH_BEHIND_NAPT = 3
     SAME_NAPT = 4  # local addresses behind the same NAPT
     NO_COMMON_FAMILY = 5  # IPv4-only <-> IPv6-only: relay
-    PUNCH_FAILED = 6
+    PUNCH_FAILED = 6  # hole punching did not complete in time: relayed
+    MN_BEHIND_NAPT = 7  # the MN's own packets open its mapping: direct
 
 
 class Role(IntEnum):

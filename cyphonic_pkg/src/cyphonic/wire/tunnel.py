@@ -87,6 +87,11 @@ class PacketType(IntEnum):
     HANDSHAKE_INIT = 2
     HANDSHAKE_RESP = 3
     DATA = 4
+    RELAY_BIND = 5  # node <-> TRS, see wire/relay.py
+    RELAY_BIND_ACK = 6
+    RELAY_DATA = 7
+    TRS_CONTROL = 8  # NMS <-> TRS
+    PUNCH = 9  # "open my NAPT mapping toward you": type(1) + session id(8), ignored on receipt
 
 
 TAG_LEN: Final = 16

@@ -1,0 +1,1 @@
+"""trs package: the Tunnel Relay Server (core, asyncio glue, configuration)."""
