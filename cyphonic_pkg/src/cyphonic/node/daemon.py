@@ -61,8 +61,8 @@ HANDSHAKE_RETRY = (0.2, 0.4, 0.8, 1.6)
 TIMER = 0.5
 VIP_RETRY = 2.0  # at most one direction-by-VIP request per unknown VIP per 2 s
 KEEPALIVE_AFTER = 10.0  # passive keepalive: answer received data within this (WireGuard)
-DEAD_AFTER = 15.0
-NAT_KEEPALIVE = 20.0  # a NAPT on the path: keep its UDP mapping (~30 s timeout) alive  # sent data but heard nothing for this long: set the tunnel up again
+DEAD_AFTER = 15.0  # sent data but heard nothing for this long: set the tunnel up again
+NAT_KEEPALIVE = 20.0  # a NAPT on the path: keep its UDP mapping (~30 s timeout) alive
 SOCKBUF = 4 * 1024 * 1024
 
 
