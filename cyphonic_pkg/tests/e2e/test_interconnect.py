@@ -1,8 +1,8 @@
 """Issue [2/6] rows of the decision table across NAPT routers (nftables masquerade).
 
-    inet (198.51.100.0/24, 2001:db8:100::/64): cloud, p (public, dual stack)
-    ra (NAPT, WAN 198.51.100.2) -- LAN 10.10.1.0/24: a1, a2   (IPv4 only)
-    rb (NAPT, WAN 198.51.100.3) -- LAN 10.10.2.0/24: b1       (IPv4 only)
+inet (198.51.100.0/24, 2001:db8:100::/64): cloud, p (public, dual stack)
+ra (NAPT, WAN 198.51.100.2) -- LAN 10.10.1.0/24: a1, a2   (IPv4 only)
+rb (NAPT, WAN 198.51.100.3) -- LAN 10.10.2.0/24: b1       (IPv4 only)
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,8 +86,9 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
 
 def transfer(lab: OverlayLab, src: str, dst: str, size: int = 4 << 20) -> None:
     vip = lab.status(dst)["vip4"]
-    server = lab.topo.popen(dst, [sys.executable, "-c", SERVER, vip], stdout=subprocess.PIPE,
-                            text=True)
+    server = lab.topo.popen(
+        dst, [sys.executable, "-c", SERVER, vip], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         sent = run(lab, src, sys.executable, "-c", CLIENT, vip, str(size)).split()
@@ -121,3 +123,88 @@ def test_decision_table_row(lab: OverlayLab, mn: str, cn: str, path: str, reason
 def test_nms_sees_the_napt_mapping(lab: OverlayLab) -> None:
     st = lab.status("a1")
     assert st["observed"]["4"].startswith("198.51.100.2:")
+
+
+PACED_CLIENT = r"""
+import hashlib, random, socket, sys, time
+rnd = random.Random(7); h = hashlib.sha256(); total = int(sys.argv[2]); secs = float(sys.argv[3])
+s = socket.create_connection((sys.argv[1], 5003), timeout=60)
+sent = 0; t0 = time.monotonic()
+while sent < total:
+    chunk = rnd.randbytes(min(1 << 15, total - sent))
+    s.sendall(chunk); h.update(chunk); sent += len(chunk)
+    ahead = sent / total * secs - (time.monotonic() - t0)
+    if ahead > 0: time.sleep(ahead)
+s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+print(sent, h.hexdigest(), flush=True)
+"""
+
+
+def max_gap(ping_output: str) -> float:
+    """Largest gap (ms) between consecutive replies in `ping -D` output."""
+    stamps = [
+        float(line[1 : line.index("]")])
+        for line in ping_output.splitlines()
+        if line.startswith("[") and "bytes from" in line
+    ]
+    return max((b - a for a, b in zip(stamps, stamps[1:], strict=False)), default=0.0) * 1000
+
+
+def test_mobility_tcp_survives_moves(lab: OverlayLab) -> None:
+    """a1 moves from behind NAT A to the IPv6-only network and back during a TCP transfer."""
+    p_vip = lab.status("p")["vip4"]
+    a1_vip = lab.status("a1")["vip4"]
+    run(lab, "a1", "ping", "-c", "1", "-W", "2", "p.cyphonic.test")
+    server = lab.topo.popen(
+        "p",
+        [sys.executable, "-c", SERVER.replace("5002", "5003"), p_vip],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pinger = lab.topo.popen(
+        "p", ["ping", "-D", "-i", "0.01", "-W", "1", a1_vip], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        client = lab.topo.popen(
+            "a1",
+            [sys.executable, "-c", PACED_CLIENT, p_vip, str(40 << 20), "8"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)
+        lab.topo.disconnect("a1", "lra")  # leaves NAT A ...
+        lab.topo.connect("a1", "inet", v6="2001:db8:100::99")  # ... joins the IPv6-only net
+        wait_path(lab, "a1", "p.cyphonic.test", lambda p: p["endpoint"].startswith("[2001"))
+        time.sleep(2)
+        lab.topo.disconnect("a1", "inet")  # and back behind NAT A (IPv4 only)
+        lab.topo.connect("a1", "lra", v4="10.10.1.10")
+        wait_path(lab, "a1", "p.cyphonic.test", lambda p: not p["endpoint"].startswith("["))
+        assert client.wait(60) == 0
+        assert client.stdout is not None
+        sent = client.stdout.readline().split()
+        assert server.stdout.readline().split() == sent, "transfer corrupted or reset"
+    finally:
+        for proc in (server, pinger):
+            if proc.poll() is None:
+                proc.terminate()
+    out, _ = pinger.communicate(timeout=10)
+    gap = max_gap(out)
+    st = lab.status("a1")
+    assert st["moves"] >= 2
+    print(f"mobility: 2 moves, longest gap in 10 ms pings {gap:.0f} ms", file=sys.stderr)
+    (lab.workdir / "handover_gap_ms").write_text(f"{gap:.1f}\n")
+
+
+def wait_path(lab: OverlayLab, name: str, fqdn: str, pred: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = peer(lab.status(name), fqdn)
+            if last["established"] and pred(last):
+                return
+        except (AssertionError, subprocess.CalledProcessError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"path of {name} to {fqdn} never became as expected: {last}")

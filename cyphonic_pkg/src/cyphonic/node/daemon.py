@@ -45,6 +45,7 @@ from cyphonic.errors import (
     SignalingError,
 )
 from cyphonic.netlink import LinuxNetlink, Netlink
+from cyphonic.node.netmon import AddressMonitor
 from cyphonic.node.peers import Peer
 from cyphonic.node.resolver import CyphonicResolver, LookupResult, LookupStatus
 from cyphonic.node.signaling import SignalingClient, cancel, is_fatal
@@ -62,6 +63,7 @@ TIMER = 0.5
 VIP_RETRY = 2.0  # at most one direction-by-VIP request per unknown VIP per 2 s
 KEEPALIVE_AFTER = 10.0  # passive keepalive: answer received data within this (WireGuard)
 DEAD_AFTER = 15.0  # sent data but heard nothing for this long: set the tunnel up again
+HANDOVER_CHECK = 2.0  # after a move, a peer silent for this long gets a new route direction
 NAT_KEEPALIVE = 20.0  # a NAPT on the path: keep its UDP mapping (~30 s timeout) alive
 SOCKBUF = 4 * 1024 * 1024
 
@@ -122,7 +124,12 @@ class NodeDaemon:
         self.started = time.time()
         self.resolver: CyphonicResolver | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._relogin = asyncio.Event()
+        self._reg_lock = asyncio.Lock()
+        self.monitor: AddressMonitor | None = None
+        self._move_task: asyncio.Task[None] | None = None
+        self._move_again = False
+        self.moves = 0
+        self.last_move_ms: float | None = None
         self.vip4 = ""
         self.vip6 = ""
         self.vip4_packed = b""
@@ -162,6 +169,12 @@ class NodeDaemon:
         await self.resolver.start(self.cfg.resolver_listen)
         self.pool4 = ipaddress.IPv4Network(lr.vip4_pool)
         self.pool6 = ipaddress.IPv6Network(lr.vip6_pool)
+        self.monitor = AddressMonitor(asyncio.get_running_loop(), self._addresses_changed)
+        try:
+            self.monitor.start()
+        except OSError as exc:  # no netlink: the keepalive loop still notices moves
+            log.warning("netlink monitor unavailable (%s); moves noticed at keepalive time", exc)
+            self.monitor = None
         self._tasks = [
             asyncio.create_task(self._keepalive_loop()),
             asyncio.create_task(self._timer_loop()),
@@ -169,6 +182,8 @@ class NodeDaemon:
         log.info("node %s up: VIPs %s %s on %s", self.cfg.fqdn, self.vip4, self.vip6, self.tun.name)
 
     async def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         for t in self._tasks:
             await cancel(t)
         for lookup in list(self.lookups.values()):
@@ -264,6 +279,10 @@ class NodeDaemon:
 
     async def _register(self) -> None:
         """Register over every address family NMS and this node share."""
+        async with self._reg_lock:
+            await self._register_locked()
+
+    async def _register_locked(self) -> None:
         assert self.client is not None
         attempts = 0
         while True:
@@ -343,6 +362,53 @@ class NodeDaemon:
                     await self._login(forever=True)
                     await self._register()
                     failures = 0
+
+    # -- mobility -----------------------------------------------------------------------
+
+    def _addresses_changed(self) -> None:
+        """Netlink saw an address event (debounced): handle it, one move at a time."""
+        if self._move_task is not None and not self._move_task.done():
+            self._move_again = True
+            return
+        self._move_task = asyncio.create_task(self._handle_move())
+
+    async def _handle_move(self) -> None:
+        while True:
+            self._move_again = False
+            new = await self._real_addresses()
+            if new != self.addresses and self.registered:
+                await self._moved(new)
+            if not self._move_again:
+                return
+
+    async def _moved(self, new: tuple[str, ...]) -> None:
+        t0 = time.perf_counter()
+        log.info(
+            "real addresses changed: %s -> %s",
+            ", ".join(self.addresses) or "none",
+            ", ".join(new) or "none",
+        )
+        self.moves += 1
+        await self._register()
+        families = {6 if ":" in a else 4 for a in self.addresses}
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if peer.current is None and peer.initiator is None:
+                continue
+            ep = peer.endpoint
+            if (
+                ep is None
+                or (6 if ":" in ep[0] else 4) not in families
+                or (peer.path == Path.LOCAL)
+            ):
+                # the old path cannot work from here: a new route direction and handshake
+                self._establish_task(fqdn=peer.fqdn)
+            else:
+                # authenticated path update: the peer roams to our new address on receipt;
+                # without an answer soon, ask NMS for a new path
+                self._send_packet(peer, b"")
+                peer.unanswered_since = now - DEAD_AFTER + HANDOVER_CHECK
+        self.last_move_ms = (time.perf_counter() - t0) * 1000
 
     def _on_push(self, msg: sig.Message, src: Endpoint) -> sig.Message | None:
         """A Route Direction to this node as CN: prepare the peer, then confirm."""
@@ -771,6 +837,8 @@ class NodeDaemon:
             "nms": [format_endpoint(e) for e in self.nms],
             "observed": {str(k): format_endpoint(v) for k, v in self.observed.items()},
             "tun": self.tun.name if self.tun else None,
+            "addresses": list(self.addresses),
+            "moves": self.moves,
             "uptime": round(time.time() - self.started, 1),
             "peers": [p.status() for p in self.peers.values()],
             "counters": {
