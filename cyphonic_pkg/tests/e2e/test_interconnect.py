@@ -7,6 +7,7 @@ rb (NAPT, WAN 198.51.100.3) -- LAN 10.10.2.0/24: b1       (IPv4 only)
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def max_gap(ping_output: str) -> float:
         for line in ping_output.splitlines()
         if line.startswith("[") and "bytes from" in line
     ]
-    return max((b - a for a, b in zip(stamps, stamps[1:], strict=False)), default=0.0) * 1000
+    return max((b - a for a, b in itertools.pairwise(stamps)), default=0.0) * 1000
 
 
 def test_mobility_tcp_survives_moves(lab: OverlayLab) -> None:

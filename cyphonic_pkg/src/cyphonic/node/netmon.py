@@ -50,7 +50,7 @@ class AddressMonitor:
         try:
             ipr = IPRoute()
             ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
-        except Exception as exc:  # noqa: BLE001 - reported to start()
+        except Exception as exc:  # reported to start()
             failure.append(exc)
             ready.set()
             return
