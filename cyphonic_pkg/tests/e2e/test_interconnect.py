@@ -209,3 +209,19 @@ def wait_path(lab: OverlayLab, name: str, fqdn: str, pred: Any, timeout: float =
             pass
         time.sleep(0.1)
     raise AssertionError(f"path of {name} to {fqdn} never became as expected: {last}")
+
+
+def test_expired_nat_mappings_recover(lab: OverlayLab) -> None:
+    """Both NAPT routers forget every mapping (conntrack flushed): the punched tunnel between
+    a1 and b1 comes back on its own (keepalives re-open NMS paths, the silent peer gets a new
+    route direction and a new punch)."""
+    run(lab, "a1", "ping", "-c", "1", "-W", "2", "b1.cyphonic.test")
+    b1_vip = lab.status("b1")["vip4"]
+    for router in ("ra", "rb"):
+        lab.topo.run(router, ["conntrack", "-F"], check=False)
+    t0 = time.monotonic()
+    out = lab.topo.run(
+        "a1", ["ping", "-c", "1", "-W", "1", "-w", "45", b1_vip], check=False, timeout=60
+    )
+    assert out.returncode == 0, out.stdout
+    print(f"NAT mappings flushed: tunnel back after {time.monotonic() - t0:.1f} s", file=sys.stderr)
