@@ -97,6 +97,38 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trs(args: argparse.Namespace) -> int:
+    from cyphonic.trs.config import load_trs_config
+    from cyphonic.trs.server import TrsServer
+
+    cfg = load_trs_config(Path(args.config))
+    setup_logging(args.log_level or cfg.log_level)
+    server = TrsServer.from_config(cfg)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        await server.run(cfg.status_socket)
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_trs_key(args: argparse.Namespace) -> int:
+    path = Path(args.output)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise CyphonicError(f"{path} exists; refusing to overwrite a TRS key") from exc
+    except OSError as exc:
+        raise CyphonicError(f"cannot create {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "w") as fh:
+        fh.write(os.urandom(32).hex() + "\n")
+    print(f"wrote a new TRS key to {path}; install it on NMS ([nms] trs_key_file) and every TRS")
+    return 0
+
+
 # -- node side --------------------------------------------------------------------------
 
 
@@ -229,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--ttl", type=float, help="seconds until the token expires")
     tc.add_argument("--json", action="store_true")
     tc.set_defaults(func=cmd_token_create)
+
+    trs = sub.add_parser("trs", help="run a TRS (tunnel relay server)")
+    trs.add_argument("--config", default="/etc/cyphonic/trs.toml")
+    trs.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    trs.set_defaults(func=cmd_trs)
+    tk = sub.add_parser("trs-key", help="create the key shared by NMS and the TRS instances")
+    tk.add_argument("--output", required=True)
+    tk.set_defaults(func=cmd_trs_key)
 
     en = sub.add_parser("enroll", help="generate keys locally and get a certificate from AS")
     en.add_argument("--config", default=DEFAULT_NODE_CONFIG)

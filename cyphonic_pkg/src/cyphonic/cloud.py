@@ -13,9 +13,11 @@ from cyphonic.config import CloudConfig
 from cyphonic.errors import ConfigError
 from cyphonic.nms.core import NmsCore
 from cyphonic.nms.server import NmsServer
+from cyphonic.nms.trs_registry import TrsRegistry
 from cyphonic.pki.ca import load_ca
 from cyphonic.status import StatusServer
 from cyphonic.store.sqlite import SQLiteStore
+from cyphonic.trs.config import load_trs_key
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,14 @@ class Cloud:
                 )
                 log.info("AS listening on tcp %s:%d (TLS 1.3)", host, port)
         if cfg.nms_enabled:
+            registry = TrsRegistry(load_trs_key(cfg.trs_key_file)) if cfg.trs_key_file else None
             core = NmsCore(
                 self.store,
                 cfg.domain,
                 keepalive_interval=cfg.keepalive_interval,
                 direction_timeout=cfg.direction_timeout,
+                registry=registry,
+                relay_lifetime=cfg.relay_lifetime,
             )
             self.nms = NmsServer(core)
             await self.nms.start(cfg.nms_listen)
@@ -82,6 +87,8 @@ class Cloud:
             c = self.nms.core.counters
             nms = {k: v for k, v in vars(c).items() if k != "extra"}
             nms["pending_directions"] = len(self.nms.core.pending)
+            if self.nms.core.registry is not None:
+                nms["trs"] = self.nms.core.registry.status(time.time())
         return {
             "role": "cloud",
             "domain": self.cfg.domain,

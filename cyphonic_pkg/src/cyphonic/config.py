@@ -143,6 +143,8 @@ class CloudConfig:
     pool4: ipaddress.IPv4Network
     pool6: ipaddress.IPv6Network
     status_socket: Path
+    trs_key_file: Path | None = None
+    relay_lifetime: int = 86400
     log_level: str = "info"
 
     @property
@@ -179,6 +181,8 @@ def load_cloud_config(path: Path) -> CloudConfig:
         or [format_endpoint(ep) for ep in nms_listen if not ip_address(ep[0]).is_unspecified],
         keepalive_interval=n.conv("keepalive_interval", int, _keepalive, 20),
         direction_timeout=n.positive("direction_timeout", float, 5.0),
+        trs_key_file=n.conv("trs_key_file", str, Path, None),
+        relay_lifetime=n.positive("relay_lifetime", int, 86400),
         pool4=p.conv("vip4", str, ipaddress.IPv4Network),
         pool6=p.conv("vip6", str, ipaddress.IPv6Network),
     )

@@ -19,6 +19,7 @@ is sent again.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from cyphonic.crypto.channel import SignalingChannel
 from cyphonic.errors import CryptoError, DecodeError
 from cyphonic.nms.route_selection import NodeView, NoPath, RouteSelector
+from cyphonic.nms.trs_registry import RelayResult, TrsInstance, TrsRegistry
 from cyphonic.store.base import Registration, Store
 from cyphonic.wire import signaling as sig
 from cyphonic.wire.signaling import Endpoint, ErrorCode, format_endpoint
@@ -54,11 +56,16 @@ class _Pending:
     mn_addr: Endpoint
     cn_key: int
     cn_addrs: tuple[Endpoint, ...]
-    to_cn: bytes  # plaintext of the Route Direction to the CN
-    to_mn: bytes  # plaintext of the Route Direction to the MN
+    to_cn: sig.RouteDirection
+    to_mn: sig.RouteDirection
     started: float
     attempt: int = 0
     next_at: float = 0.0
+    awaiting_relay: bool = False  # waiting for the TRS to open the relay session
+    relay_required: bool = False  # RELAYED (no fallback): no relay, no path
+    mn_family: int = 4
+    cn_family: int = 4
+    relay_key: bytes = b""
 
 
 @dataclass
@@ -85,7 +92,12 @@ class NmsCore:
         keepalive_interval: int = 20,
         direction_timeout: float = 5.0,
         random: Callable[[int], bytes] = os.urandom,
+        registry: TrsRegistry | None = None,
+        relay_lifetime: int = 86400,
     ) -> None:
+        self.registry = registry
+        self.relay_lifetime = relay_lifetime
+        self.relay_trs: dict[bytes, TrsInstance] = {}
         self.store = store
         self.domain = domain
         self.selector = selector or RouteSelector()
@@ -166,7 +178,7 @@ class NmsCore:
                     "peer did not confirm the route direction",
                 ).pack()
                 out += self._answer(p.mn_key, p.mn_txid, err, p.mn_addr)
-            elif now >= p.next_at:
+            elif now >= p.next_at and not p.awaiting_relay:
                 out += self._send_to_cn(p, now)
         if self._dirty_marks and now - self._last_flush >= MARK_FLUSH_INTERVAL:
             self.flush_marks(now)
@@ -340,11 +352,27 @@ class NmsCore:
             return self._error(ch, msg, src, ErrorCode.NOT_REGISTERED, f"{fqdn} is not online")
         mn_reg = self._update_observed(mn_reg, src, ch.key_id, now)
         try:
-            decision = self.selector.select(self._view(mn_reg), self._view(cn_reg))
+            decision = self.selector.select(
+                self._view(mn_reg),
+                self._view(cn_reg),
+                relay_available=self.registry is not None and bool(self.registry.alive(now)),
+            )
         except NoPath as exc:
             return self._error(ch, msg, src, exc.code, str(exc))
         session_id = self.random(8)
         tunnel_key = self.random(32)
+        relay_req: tuple[TrsInstance, int, int] | None = None
+        if self.registry is not None and (
+            decision.path == sig.Path.RELAYED or decision.reason == sig.Reason.BOTH_BEHIND_NAPT
+        ):
+            # the TRS must be reachable from both: one family of each node
+            mn_fam = self._family_for(mn_reg, now)
+            cn_fam = self._family_for(cn_reg, now)
+            inst = self.registry.pick(now, families={mn_fam, cn_fam})
+            if inst is not None:
+                relay_req = (inst, mn_fam, cn_fam)
+            elif decision.path == sig.Path.RELAYED:
+                return self._error(ch, msg, src, ErrorCode.NO_PATH, "no relay (TRS) available")
         common = {
             "session_id": session_id,
             "tunnel_key": tunnel_key,
@@ -379,8 +407,8 @@ class NmsCore:
             src,
             cn_reg.key_id,
             cn_addrs,
-            to_cn.pack(),
-            to_mn.pack(),
+            to_cn,
+            to_mn,
             now,
         )
         self.pending[session_id] = p
@@ -394,7 +422,64 @@ class NmsCore:
             decision.path.name,
             decision.reason.name,
         )
+        if relay_req is not None and self.registry is not None:
+            inst, p.mn_family, p.cn_family = relay_req
+            p.awaiting_relay = True
+            p.relay_required = decision.path == sig.Path.RELAYED
+            p.next_at = now + self.direction_timeout  # the registry reports a timeout first
+            self.relay_trs[session_id] = inst
+            p.relay_key = self.random(32)  # authenticates RELAY_BIND; not the tunnel key
+            reqs = self.registry.request_relay(
+                inst, session_id, p.relay_key, self.relay_lifetime, now
+            )
+            return [Outgoing(o.data, o.addr) for o in reqs]
         return self._send_to_cn(p, now)
+
+    def _family_for(self, reg: Registration, now: float) -> int:
+        """The family a node reaches the TRS in: IPv4 when it has it (NAPT'd or not)."""
+        fams = set(self._view(reg).observed)
+        return 4 if 4 in fams else 6
+
+    def relay_results(self, results: list[RelayResult], now: float) -> list[Outgoing]:
+        """The TRS answered (or not): send the Route Direction to the CN, or give up."""
+        out: list[Outgoing] = []
+        for r in results:
+            p = self.pending.get(r.session_id)
+            inst = self.relay_trs.pop(r.session_id, None)
+            if p is None or not p.awaiting_relay:
+                continue
+            p.awaiting_relay = False
+            by_family = {ipaddress.ip_address(e[0]).version: e for e in r.endpoints}
+            if r.ok and p.mn_family in by_family and p.cn_family in by_family:
+                p.to_cn = sig.replace(
+                    p.to_cn,
+                    relay_endpoint=by_family[p.cn_family],
+                    relay_key=p.relay_key,
+                    relay_side=1,
+                )
+                p.to_mn = sig.replace(
+                    p.to_mn,
+                    relay_endpoint=by_family[p.mn_family],
+                    relay_key=p.relay_key,
+                    relay_side=0,
+                )
+            elif p.relay_required:
+                self._drop_pending(r.session_id)
+                self.counters.direction_errors += 1
+                err = sig.Error(
+                    p.mn_txid,
+                    ErrorCode.NO_PATH,
+                    f"relay (TRS) refused: {r.error or 'no endpoints'}",
+                ).pack()
+                out += self._answer(p.mn_key, p.mn_txid, err, p.mn_addr)
+                continue
+            log.info(
+                "relay session on TRS %s: %s",
+                inst.trs_id if inst else "?",
+                "ok" if r.ok else r.error,
+            )
+            out += self._send_to_cn(p, now)
+        return out
 
     def _send_to_cn(self, p: _Pending, now: float) -> list[Outgoing]:
         ch = self.channels.get(p.cn_key)
@@ -402,7 +487,8 @@ class NmsCore:
             return []
         p.next_at = now + RETRANSMIT[min(p.attempt, len(RETRANSMIT) - 1)]
         p.attempt += 1
-        return [Outgoing(ch.seal(p.to_cn), addr) for addr in p.cn_addrs]
+        plain = p.to_cn.pack()
+        return [Outgoing(ch.seal(plain), addr) for addr in p.cn_addrs]
 
     def _drop_pending(self, session_id: bytes) -> _Pending | None:
         p = self.pending.pop(session_id, None)
@@ -416,4 +502,4 @@ class NmsCore:
             return []  # a duplicate confirmation, or not the CN of this session
         self._drop_pending(msg.session_id)
         self.counters.directions += 1
-        return self._answer(p.mn_key, p.mn_txid, p.to_mn, p.mn_addr)
+        return self._answer(p.mn_key, p.mn_txid, p.to_mn.pack(), p.mn_addr)

@@ -12,8 +12,10 @@ from typing import Any
 from cyphonic.errors import CyphonicError
 from cyphonic.nms.core import NmsCore, Outgoing
 from cyphonic.wire.signaling import Endpoint, format_endpoint
+from cyphonic.wire.tunnel import PacketType
 
 log = logging.getLogger(__name__)
+TRS_CONTROL_BYTE = bytes([PacketType.TRS_CONTROL])
 TICK = 0.05
 
 
@@ -22,7 +24,14 @@ class _Proto(asyncio.DatagramProtocol):
         self.server = server
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.server.send(self.server.core.handle(data, (addr[0], addr[1]), time.time()))
+        src = (addr[0], addr[1])
+        core = self.server.core
+        if data[:1] == TRS_CONTROL_BYTE and core.registry is not None:
+            outs, results = core.registry.handle(data, src, time.time())
+            self.server.send([Outgoing(o.data, o.addr) for o in outs])
+            self.server.send(core.relay_results(results, time.time()))
+            return
+        self.server.send(core.handle(data, src, time.time()))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("NMS socket error: %s", exc)
@@ -63,7 +72,12 @@ class NmsServer:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK)
-            self.send(self.core.tick(time.time()))
+            now = time.time()
+            if self.core.registry is not None:
+                outs, results = self.core.registry.tick(now)
+                self.send([Outgoing(o.data, o.addr) for o in outs])
+                self.send(self.core.relay_results(results, now))
+            self.send(self.core.tick(now))
 
     async def stop(self) -> None:
         if self._ticker:

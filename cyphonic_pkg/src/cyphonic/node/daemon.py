@@ -52,6 +52,7 @@ from cyphonic.node.signaling import SignalingClient, cancel, is_fatal
 from cyphonic.pki.ca import load_ca_certificate, verify_node_certificate
 from cyphonic.pki.node_keys import load_node_keys
 from cyphonic.wire import signaling as sig
+from cyphonic.wire.relay import RelayBind, RelayBindAck, RelayData, Side
 from cyphonic.wire.signaling import Endpoint, ErrorCode, Path, Reason, Role, format_endpoint
 from cyphonic.wire.tunnel import PacketType
 
@@ -63,6 +64,9 @@ TIMER = 0.5
 VIP_RETRY = 2.0  # at most one direction-by-VIP request per unknown VIP per 2 s
 KEEPALIVE_AFTER = 10.0  # passive keepalive: answer received data within this (WireGuard)
 DEAD_AFTER = 15.0  # sent data but heard nothing for this long: set the tunnel up again
+PUNCH_TIMEOUT = 1.0  # no Tunnel Response over the punched path in this time: use the TRS
+PROBE_INTERVAL = 2.0  # relayed: try the direct path again this often (route optimisation)
+BIND_RETRY = (0.25, 0.5, 1.0, 2.0)
 HANDOVER_CHECK = 2.0  # after a move, a peer silent for this long gets a new route direction
 NAT_KEEPALIVE = 20.0  # a NAPT on the path: keep its UDP mapping (~30 s timeout) alive
 SOCKBUF = 4 * 1024 * 1024
@@ -80,6 +84,7 @@ class Counters:
     tun_errors: int = 0
     send_errors: int = 0
     punches: int = 0
+    relay_dropped: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,6 +119,7 @@ class NodeDaemon:
         self.pending_index: dict[int, Peer] = {}
         self.lookups: dict[str, asyncio.Task[Peer]] = {}
         self.vip_backoff: dict[str, float] = {}
+        self.by_relay: dict[bytes, Peer] = {}
         self.vip_waiting: dict[bytes, bytes] = {}
         self.socks: dict[int, socket.socket] = {}
         self.tun: TunDevice | None = None
@@ -395,7 +401,15 @@ class NodeDaemon:
         for peer in list(self.peers.values()):
             if peer.current is None and peer.initiator is None:
                 continue
-            ep = peer.endpoint
+            ep = peer.relay_endpoint if peer.relayed else peer.endpoint
+            if peer.relayed and ep is not None and (6 if ":" in ep[0] else 4) in families:
+                # the TRS learns our new address from a fresh bind; data follows it
+                peer.relay_bound = False
+                peer.bind_attempt = 0
+                self._send_bind(peer, now)
+                self._send_packet(peer, b"")
+                peer.unanswered_since = now - DEAD_AFTER + HANDOVER_CHECK
+                continue
             if (
                 ep is None
                 or (6 if ":" in ep[0] else 4) not in families
@@ -462,6 +476,20 @@ class NodeDaemon:
             peer.role, peer.path, peer.reason = Role(rd.role), Path(rd.path), Reason(rd.reason)
             peer.endpoints = rd.endpoints
         peer.endpoint = rd.endpoints[0] if rd.endpoints else None
+        if rd.relay_key is not None and rd.relay_endpoint is not None:
+            if peer.relay_session:
+                self.by_relay.pop(peer.relay_session, None)
+            peer.relay_endpoint, peer.relay_key = rd.relay_endpoint, rd.relay_key
+            peer.relay_side, peer.relay_session = rd.relay_side or 0, rd.session_id
+            peer.relay_bound, peer.bind_attempt = False, 0
+            self.by_relay[rd.session_id] = peer
+            peer.relayed = rd.path == Path.RELAYED
+            peer.relayed_since = time.monotonic() if peer.relayed else None
+            self._send_bind(peer, time.monotonic())  # the TRS learns our (NAT-mapped) endpoint
+        else:
+            peer.relayed = False
+        if rd.path == Path.RELAYED and rd.relay_key is None:
+            raise CryptoError("relayed route direction without relay information")
         # the previous session stays valid for Tunnel Requests already on their way;
         # the one before it is forgotten
         if peer.prev_session is not None and peer.prev_session != rd.session_id:
@@ -540,8 +568,41 @@ class NodeDaemon:
 
     # -- Tunnel Request / Tunnel Response (Noise IKpsk2) --------------------------------
 
+    def _send_to_peer(self, peer: Peer, datagram: bytes) -> None:
+        """Directly to the peer's endpoint, or wrapped in RELAY_DATA to the TRS."""
+        if peer.relayed and peer.relay_endpoint is not None:
+            self._send(RelayData.wrap(peer.relay_session, datagram), peer.relay_endpoint)
+        elif peer.endpoint is not None:
+            self._send(datagram, peer.endpoint)
+
+    def _send_bind(self, peer: Peer, now: float) -> None:
+        if peer.relay_key is None or peer.relay_endpoint is None:
+            return
+        peer.relay_ts = max(peer.relay_ts + 1, int(time.time() * 1000))
+        bind = RelayBind.create(
+            peer.relay_key, Side(peer.relay_side), peer.relay_session, peer.relay_ts
+        )
+        self._send(bind.pack(), peer.relay_endpoint)
+        delay = 15.0 if peer.relay_bound else BIND_RETRY[min(peer.bind_attempt, 3)]
+        peer.bind_attempt += 1
+        peer.next_bind_at = now + delay
+
+    def _switch_to_relay(self, peer: Peer, now: float) -> None:
+        """Hole punching did not answer in time: carry the tunnel through the TRS."""
+        peer.relayed = True
+        peer.path, peer.reason = Path.RELAYED, Reason.PUNCH_FAILED
+        peer.relayed_since = now
+        peer.fallback_ms = (now - peer.handshake_started) * 1000
+        peer.next_probe_at = now + PROBE_INTERVAL
+        log.info(
+            "no direct path to %s after %.0f ms: relaying through TRS %s",
+            peer.fqdn,
+            peer.fallback_ms,
+            format_endpoint(peer.relay_endpoint or ("?", 0)),
+        )
+
     def _start_handshake(self, peer: Peer, now: float) -> None:
-        if peer.endpoint is None:
+        if peer.endpoint is None and not peer.relayed:
             return
         if peer.initiator is not None:
             self.pending_index.pop(peer.initiator.local_index, None)
@@ -560,9 +621,11 @@ class NodeDaemon:
         )
         peer.handshake_sent = time.perf_counter()  # type: ignore[attr-defined]
         self.pending_index[index] = peer
-        self._send(peer.initiator.create_init(), peer.endpoint)
+        self._send_to_peer(peer, peer.initiator.create_init())
 
-    def _handshake_init(self, data: bytes, src: Endpoint, now: float) -> None:
+    def _handshake_init(
+        self, data: bytes, src: Endpoint, now: float, relay: bytes | None = None
+    ) -> None:
         def lookup(session_id: bytes) -> tuple[bytes, bytes, bytes | None] | None:
             entry = self.by_session.get(session_id)
             if entry is None:
@@ -581,14 +644,24 @@ class NodeDaemon:
             return
         peer = self.by_session[data[8:16]][0]
         peer.last_init_timestamp = timestamp
-        peer.endpoint = src
         if peer.next is not None:
             self.by_index.pop(peer.next.local_index, None)
         peer.next = kp
         self.by_index[index] = (peer, kp)
-        self._send(resp, src)
+        if relay is not None:
+            if not peer.relayed:  # the MN gave up on the direct path
+                peer.relayed, peer.relayed_since = True, now
+                if peer.path == Path.PUNCHED:
+                    peer.path, peer.reason = Path.RELAYED, Reason.PUNCH_FAILED
+                peer.next_probe_at = now + PROBE_INTERVAL
+            self._send(RelayData.wrap(relay, resp), src)
+        else:
+            self._to_direct(peer, src, now)
+            self._send(resp, src)
 
-    def _handshake_resp(self, data: bytes, src: Endpoint, now: float) -> None:
+    def _handshake_resp(
+        self, data: bytes, src: Endpoint, now: float, relay: bytes | None = None
+    ) -> None:
         try:
             receiver = int.from_bytes(data[8:12], "big")
         except (IndexError, ValueError):
@@ -609,7 +682,8 @@ class NodeDaemon:
             peer.tunnel_establishment_ms = (time.perf_counter() - sent) * 1000
         del self.pending_index[receiver]
         peer.initiator = None
-        peer.endpoint = src
+        if relay is None:
+            self._to_direct(peer, src, now)
         self._promote(peer, kp)
         # confirm the keys to the responder at once (an empty data packet)
         self._send_packet(peer, b"")
@@ -633,9 +707,10 @@ class NodeDaemon:
     def _send_packet(self, peer: Peer, packet: bytes) -> None:
         kp = peer.current
         now = time.monotonic()
-        if kp is None or peer.endpoint is None or kp.expired(now):
+        reachable = peer.endpoint is not None or peer.relayed
+        if kp is None or not reachable or kp.expired(now):
             peer.queue.append(packet)
-            if peer.initiator is None and peer.endpoint is not None:
+            if peer.initiator is None and reachable:
                 self._start_handshake(peer, time.monotonic())
             return
         try:
@@ -644,7 +719,7 @@ class NodeDaemon:
             peer.queue.append(packet)
             self._start_handshake(peer, time.monotonic())
             return
-        self._send(data, peer.endpoint)
+        self._send_to_peer(peer, data)
         peer.last_tx = now
         if packet:
             peer.tx_bytes += len(packet)
@@ -714,6 +789,10 @@ class NodeDaemon:
                     self._handshake_init(data, src, now)
                 elif kind == PacketType.HANDSHAKE_RESP:
                     self._handshake_resp(data, src, now)
+                elif kind == PacketType.RELAY_DATA:
+                    self._relay_data(data, src, now)
+                elif kind == PacketType.RELAY_BIND_ACK:
+                    self._bind_ack(data, src, now)
                 elif kind == PacketType.PUNCH:
                     self.counters.punches += 1
                 else:
@@ -722,7 +801,62 @@ class NodeDaemon:
                 self.counters.malformed += 1
                 log.exception("unexpected error handling a datagram from %s", format_endpoint(src))
 
-    def _data(self, data: bytes, src: Endpoint, now: float) -> None:
+    def _to_direct(self, peer: Peer, src: Endpoint, now: float) -> None:
+        """Authenticated traffic arrived straight from the peer: use that path."""
+        if peer.relayed:
+            peer.relayed = False
+            peer.path = Path.PUNCHED
+            if peer.relayed_since is not None:
+                peer.optimised_ms = (now - peer.relayed_since) * 1000
+            log.info(
+                "direct path to %s found at %s: leaving the relay", peer.fqdn, format_endpoint(src)
+            )
+        elif peer.endpoint != src:
+            log.info("peer %s moved to %s", peer.fqdn, format_endpoint(src))
+        peer.endpoint = src  # roaming: authenticated data from a new address
+
+    def _relay_data(self, data: bytes, src: Endpoint, now: float) -> None:
+        if len(data) < 13:
+            self.counters.malformed += 1
+            return
+        session = data[4:12]
+        peer = self.by_relay.get(session)
+        if peer is None or src != peer.relay_endpoint:
+            self.counters.relay_dropped += 1
+            return
+        inner = data[12:]
+        kind = inner[0]
+        if kind == PacketType.DATA:
+            self._data(inner, src, now, relay=session)
+        elif kind == PacketType.HANDSHAKE_INIT:
+            self._handshake_init(inner, src, now, relay=session)
+        elif kind == PacketType.HANDSHAKE_RESP:
+            self._handshake_resp(inner, src, now, relay=session)
+        else:
+            self.counters.malformed += 1
+
+    def _bind_ack(self, data: bytes, src: Endpoint, now: float) -> None:
+        try:
+            ack = RelayBindAck.parse(data)
+        except DecodeError:
+            self.counters.malformed += 1
+            return
+        peer = self.by_relay.get(ack.session_id)
+        if (
+            peer is None
+            or peer.relay_key is None
+            or src != peer.relay_endpoint
+            or not (ack.verify(peer.relay_key))
+        ):
+            self.counters.relay_dropped += 1
+            return
+        if not peer.relay_bound:
+            log.info("relay session for %s bound at TRS %s", peer.fqdn, format_endpoint(src))
+        peer.relay_bound = True
+        peer.bind_attempt = 0
+        peer.next_bind_at = now + 15.0
+
+    def _data(self, data: bytes, src: Endpoint, now: float, relay: bytes | None = None) -> None:
         if len(data) < 32:
             self.counters.malformed += 1
             return
@@ -742,9 +876,8 @@ class NodeDaemon:
         if kp is peer.next:
             self._promote(peer, kp)
         peer.unanswered_since = 0.0
-        if peer.endpoint != src:
-            log.info("peer %s moved to %s", peer.fqdn, format_endpoint(src))
-            peer.endpoint = src  # roaming: authenticated data from a new address
+        if relay is None and (peer.relayed or peer.endpoint != src):
+            self._to_direct(peer, src, now)
         if not pkt:
             return  # keepalive
         version = pkt[0] >> 4
@@ -776,8 +909,19 @@ class NodeDaemon:
                 self._peer_timers(peer, now)
 
     def _peer_timers(self, peer: Peer, now: float) -> None:
+        if peer.relay_key is not None and now >= peer.next_bind_at:
+            self._send_bind(peer, now)  # holds the TRS session and our NAT mapping to it
         if peer.initiator is not None:
             elapsed = now - peer.handshake_started
+            if (
+                peer.relay_key is not None
+                and not peer.relayed
+                and peer.path == Path.PUNCHED
+                and elapsed >= PUNCH_TIMEOUT
+            ):
+                self._switch_to_relay(peer, now)
+                self._start_handshake(peer, now)
+                return
             if elapsed > self.cfg.handshake_timeout:
                 self.pending_index.pop(peer.initiator.local_index, None)
                 peer.initiator = None
@@ -808,6 +952,13 @@ class NodeDaemon:
         kp = peer.current
         if kp is None:
             return
+        if peer.relayed and peer.endpoints and now >= peer.next_probe_at:
+            # route optimisation: keep trying the direct path; the first authenticated
+            # packet that gets through moves both sides off the relay
+            peer.next_probe_at = now + PROBE_INTERVAL
+            probe = kp.encrypt(b"", now)
+            for ep in peer.endpoints:
+                self._send(probe, ep)
         if peer.last_rx_data > peer.last_tx and now - peer.last_rx_data >= KEEPALIVE_AFTER:
             self._send_packet(peer, b"")  # passive keepalive: "still here"
         elif peer.reason != Reason.COMMON_FAMILY_PUBLIC and now - peer.last_tx >= NAT_KEEPALIVE:

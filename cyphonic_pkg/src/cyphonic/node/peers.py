@@ -36,6 +36,20 @@ class Peer:
     last_init_timestamp: bytes | None = None
     last_handshake: float | None = None  # wall clock, for status
     handshakes: int = 0
+    # TRS relay (RELAYED path, or the fallback of a PUNCHED one)
+    relay_endpoint: Endpoint | None = None
+    relay_key: bytes | None = None
+    relay_side: int = 0
+    relay_session: bytes = b""
+    relayed: bool = False  # sending through the TRS now
+    relay_bound: bool = False
+    relay_ts: int = 0  # last RELAY_BIND timestamp (ms), strictly increasing
+    next_bind_at: float = 0.0
+    bind_attempt: int = 0
+    next_probe_at: float = 0.0
+    relayed_since: float | None = None  # monotonic, when the relay took over
+    fallback_ms: float | None = None  # handshake start -> relay took over
+    optimised_ms: float | None = None  # relay took over -> direct path found
     prev_session: bytes | None = None
     last_tx: float = 0.0  # monotonic; any datagram, keepalives included
     last_rx_data: float = 0.0  # monotonic; last non-empty packet received
@@ -68,7 +82,17 @@ class Peer:
             "path": self.path.name.lower(),
             "reason": self.reason.name.lower(),
             "role": self.role.name.lower(),
-            "endpoint": format_endpoint(self.endpoint) if self.endpoint else None,
+            "endpoint": (
+                format_endpoint(self.relay_endpoint)
+                if self.relayed and self.relay_endpoint
+                else format_endpoint(self.endpoint)
+                if self.endpoint
+                else None
+            ),
+            "relay": format_endpoint(self.relay_endpoint) if self.relay_endpoint else None,
+            "relay_bound": self.relay_bound,
+            "fallback_ms": self.fallback_ms,
+            "optimised_ms": self.optimised_ms,
             "established": self.current is not None,
             "rx_bytes": self.rx_bytes,
             "tx_bytes": self.tx_bytes,

@@ -65,6 +65,7 @@ class OverlayLab:
     routers: Sequence[RouterSpec] = ()
     log: Callable[[str], None] = field(default=lambda _m: None)
     replace_stale: bool = False
+    trs: bool = False  # run a TRS on the cloud host (and give NMS the TRS key)
     topo: Topology = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -99,6 +100,8 @@ class OverlayLab:
         self.cli("cloud", "ca", "init", "--config", str(self.cloud_config))
         self.start_upstream_dns()
         self.start_cloud()
+        if self.trs:
+            self.start_trs()
         for n in self.nodes:
             self.enroll(n)
             self.start_node(n)
@@ -110,6 +113,25 @@ class OverlayLab:
     def cloud_config(self) -> Path:
         return self.workdir / "cloud" / "cloud.toml"
 
+    @property
+    def trs_key(self) -> Path:
+        return self.workdir / "cloud" / "trs.key"
+
+    def start_trs(self) -> None:
+        self._spawn(
+            "cloud",
+            "trs",
+            [*cyphonic_cmd(), "trs", "--config", str(self.workdir / "cloud" / "trs.toml")],
+        )
+
+        def registered() -> bool:
+            if not self.status_socket("cloud").exists():
+                return False
+            nms = self.status("cloud").get("nms", {})
+            return bool(nms.get("trs", {}).get("instances"))
+
+        self.wait(registered, 20, "TRS registered with NMS")
+
     def node_config(self, name: str) -> Path:
         return self.workdir / name / "node.toml"
 
@@ -119,6 +141,7 @@ class OverlayLab:
     def _write_cloud_config(self) -> None:
         d = self.workdir / "cloud"
         d.mkdir()
+        trs = f'trs_key_file = "{self.trs_key}"' if self.trs else ""
         self.cloud_config.write_text(
             f"""[cloud]
 domain = "{DOMAIN}"
@@ -135,11 +158,23 @@ listen = ["0.0.0.0:4502", "[::]:4502"]
 public = ["{CLOUD_V4}:4502", "[{CLOUD_V6}]:4502"]
 keepalive_interval = 5
 
+{trs}
 [pools]
 vip4 = "10.64.0.0/16"
 vip6 = "fd43:5950::/64"
 """
         )
+        if self.trs:
+            self.cli("cloud", "trs-key", "--output", str(self.trs_key))
+            (d / "trs.toml").write_text(
+                f"""[trs]
+listen = ["0.0.0.0:4503", "[::]:4503"]
+public = ["{CLOUD_V4}:4503", "[{CLOUD_V6}]:4503"]
+nms = ["{CLOUD_V4}:4502"]
+key_file = "{self.trs_key}"
+status_socket = "{self.status_socket("trs")}"
+"""
+            )
 
     def _write_node_config(self, n: NodeSpec) -> None:
         d = self.workdir / n.name
@@ -225,7 +260,8 @@ upstream = ["{CLOUD_V4 if n.v4 else "[" + CLOUD_V6 + "]"}:53"]
         )
 
     def status(self, name: str) -> dict[str, Any]:
-        out = self.cli(name, "status", "--json", "--socket", str(self.status_socket(name)))
+        host = "cloud" if name == "trs" else name  # the TRS runs on the cloud host
+        out = self.cli(host, "status", "--json", "--socket", str(self.status_socket(name)))
         data: dict[str, Any] = json.loads(out.stdout)
         return data
 

@@ -345,6 +345,9 @@ class RouteDirection(Message):
         FieldSpec("path", 8, Kind.U8),
         FieldSpec("reason", 9, Kind.U8),
         FieldSpec("role", 10, Kind.U8),
+        FieldSpec("relay_endpoint", 11, Kind.ENDPOINT, optional=True),
+        FieldSpec("relay_key", 12, Kind.BYTES, optional=True),
+        FieldSpec("relay_side", 13, Kind.U8, optional=True),
     )
     session_id: bytes = b""
     peer_fqdn: str = ""
@@ -356,8 +359,19 @@ class RouteDirection(Message):
     path: int = Path.DIRECT
     reason: int = Reason.COMMON_FAMILY_PUBLIC
     role: int = Role.INITIATOR
+    # the TRS relay session (same session id): for RELAYED, and as the fallback of PUNCHED
+    relay_endpoint: Endpoint | None = None
+    relay_key: bytes | None = None  # authenticates RELAY_BIND; never the tunnel key
+    relay_side: int | None = None  # 0 = MN, 1 = CN
 
     def __post_init__(self) -> None:
+        relay = (self.relay_endpoint, self.relay_key, self.relay_side)
+        if any(v is not None for v in relay) and (
+            any(v is None for v in relay)
+            or len(self.relay_key or b"") != 32
+            or self.relay_side not in (0, 1)
+        ):
+            raise ValueError("relay_endpoint, relay_key (32 bytes) and relay_side go together")
         if len(self.session_id) != 8:
             raise ValueError("session_id must be 8 bytes")
         if len(self.tunnel_key) != 32:
