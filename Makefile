@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PKG := cyphonic_pkg
-APT_PACKAGES := iproute2 nftables iputils-ping dnsutils iperf3 python3-venv procps conntrack
+APT_PACKAGES := iproute2 nftables iputils-ping dnsutils iperf3 python3-venv procps conntrack isc-dhcp-client dhcpcd-base tshark
 
 .PHONY: setup deps lint unit e2e test lab lab-down bench bench-quick clean
 
