@@ -37,6 +37,7 @@ e2e: setup deps
 
 bench-quick: setup deps
 	$(PY) bench/overlay_core.py --quick
+	$(PY) bench/interconnect.py --quick
 
 test: lint unit e2e bench-quick
 
@@ -48,6 +49,7 @@ lab-down: setup
 
 bench: setup deps
 	$(PY) bench/overlay_core.py
+	$(PY) bench/interconnect.py
 
 clean: lab-down
 	rm -rf $(VENV)
