@@ -363,3 +363,20 @@ def test_simultaneous_lookups_both_ways(lab: OverlayLab) -> None:
     assert p1.wait(20) == 0 and p2.wait(20) == 0
     run(lab, "b", "ping", "-c", "3", "-i", "0.2", "-W", "2", lab.status("c")["vip4"])
     run(lab, "c", "ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", lab.status("b")["vip6"])
+
+
+def test_node_logs_in_again_when_nms_forgets_it(lab: OverlayLab) -> None:
+    """The cloud comes back without the nodes' keys and registrations (a restored backup):
+    nodes notice their keepalives go unanswered, log in to AS again and re-register."""
+    import sqlite3
+
+    lab.stop("cloud")
+    db = lab.workdir / "cloud" / "state" / "cyphonic.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM registrations")
+        conn.execute("DELETE FROM common_keys")
+    lab.start_cloud()
+    t0 = time.monotonic()
+    lab.wait(lambda: lab.status("cloud")["registrations"] == 3, 60, "nodes registered again")
+    print(f"nodes re-registered {time.monotonic() - t0:.1f} s after NMS lost them", file=sys.stderr)
+    run(lab, "a", "ping", "-c", "1", "-W", "2", "c.cyphonic.test")

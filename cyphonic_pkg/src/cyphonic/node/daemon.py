@@ -332,7 +332,8 @@ class NodeDaemon:
         await self._register()
         failures = 0
         while True:
-            await asyncio.sleep(self.keepalive_interval)
+            # after a lost keepalive, try again soon: 3 lost rounds mean NMS lost us
+            await asyncio.sleep(self.keepalive_interval if not failures else 1.0)
             lr = self.login_result
             try:
                 if lr.key_expires_at - time.time() < 60:
@@ -340,21 +341,25 @@ class NodeDaemon:
                 if await self._real_addresses() != self.addresses:
                     await self._register()
                     continue
+                targets = self._nms_targets()
+                answers = await asyncio.gather(
+                    *(
+                        self.client.request(sig.KeepAlive(self.client.next_txid()), t, timeout=3.0)
+                        for t in targets
+                    ),
+                    return_exceptions=True,
+                )
                 answered = 0
-                last_exc: RequestTimeout | None = None
-                for target in self._nms_targets():
-                    try:
-                        ack = await self.client.request(
-                            sig.KeepAlive(self.client.next_txid()), target, timeout=3.0
-                        )
-                    except RequestTimeout as exc:
-                        last_exc = exc  # one family down is not NMS down
-                        continue
-                    assert isinstance(ack, sig.KeepAliveAck)
-                    self.observed[6 if ":" in target[0] else 4] = ack.observed
-                    answered += 1
-                if not answered and last_exc is not None:
-                    raise last_exc
+                for target, ack in zip(targets, answers, strict=True):
+                    if isinstance(ack, sig.KeepAliveAck):
+                        self.observed[6 if ":" in target[0] else 4] = ack.observed
+                        answered += 1
+                    elif isinstance(ack, SignalingError):
+                        raise ack
+                    elif not isinstance(ack, RequestTimeout) and isinstance(ack, BaseException):
+                        raise ack
+                if targets and not answered:  # one family down is not NMS down
+                    raise RequestTimeout("no NMS endpoint answered the keepalive")
                 failures = 0
             except SignalingError as exc:
                 log.info("NMS: %s; logging in again", exc)
