@@ -354,9 +354,7 @@ class NodeDaemon:
                     if isinstance(ack, sig.KeepAliveAck):
                         self.observed[6 if ":" in target[0] else 4] = ack.observed
                         answered += 1
-                    elif isinstance(ack, SignalingError):
-                        raise ack
-                    elif not isinstance(ack, RequestTimeout) and isinstance(ack, BaseException):
+                    elif isinstance(ack, SignalingError) or (not isinstance(ack, RequestTimeout) and isinstance(ack, BaseException)):
                         raise ack
                 if targets and not answered:  # one family down is not NMS down
                     raise RequestTimeout("no NMS endpoint answered the keepalive")
