@@ -354,8 +354,8 @@ class NodeDaemon:
                     if isinstance(ack, sig.KeepAliveAck):
                         self.observed[6 if ":" in target[0] else 4] = ack.observed
                         answered += 1
-                    elif isinstance(ack, SignalingError) or (not isinstance(ack, RequestTimeout) and isinstance(ack, BaseException)):
-                        raise ack
+                    elif isinstance(ack, BaseException) and not isinstance(ack, RequestTimeout):
+                        raise ack  # an NMS error (e.g. unknown key), or a bug
                 if targets and not answered:  # one family down is not NMS down
                     raise RequestTimeout("no NMS endpoint answered the keepalive")
                 failures = 0
