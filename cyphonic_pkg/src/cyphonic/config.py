@@ -224,6 +224,52 @@ class NodeConfig:
 
 def load_node_config(path: Path) -> NodeConfig:
     doc = _Doc(path)
+    cfg = _node_config(doc, path)
+    doc.finish()
+    return cfg
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """An adapter: a node config (its own identity, uplink, AS, tunnels) plus the downlink."""
+
+    node: NodeConfig
+    downlink: str
+    gn_port_base: int
+    lease_time: int
+    refresh_interval: float
+    ra_interval: float
+
+    @property
+    def path(self) -> Path:
+        return self.node.path
+
+
+def load_adapter_config(path: Path) -> AdapterConfig:
+    doc = _Doc(path)
+    node = _node_config(doc, path, status_default="/run/cyphonic/adapter.sock")
+    ad = doc.table("adapter")
+    cfg = AdapterConfig(
+        node=node,
+        downlink=ad.conv("downlink", str, _ifname),
+        gn_port_base=ad.port("gn_port_base", NODE_PORT + 1),
+        lease_time=ad.conv("lease_time", int, _lease_time, 3600),
+        refresh_interval=ad.positive("refresh_interval", float, 60.0),
+        ra_interval=ad.positive("ra_interval", float, 200.0),
+    )
+    doc.finish()
+    return cfg
+
+
+def _lease_time(value: int) -> int:
+    if not 60 <= value <= 7 * 86400:
+        raise ValueError("must be between 60 s and 7 days")
+    return value
+
+
+def _node_config(
+    doc: _Doc, path: Path, status_default: str = "/run/cyphonic/node.sock"
+) -> NodeConfig:
     nd = doc.table("node")
     a = doc.table("as")
     t = doc.table("tun", required=False)
@@ -240,7 +286,7 @@ def load_node_config(path: Path) -> NodeConfig:
         domain=domain,
         state_dir=state_dir,
         port=nd.port("port", NODE_PORT),
-        status_socket=Path(nd.get("status_socket", str, "/run/cyphonic/node.sock")),
+        status_socket=Path(nd.get("status_socket", str, status_default)),
         log_level=nd.conv("log_level", str, _log_level, "info"),
         as_host=a.get("host", str),
         as_port=a.port("port", AS_PORT),
@@ -254,7 +300,6 @@ def load_node_config(path: Path) -> NodeConfig:
         handshake_timeout=tn.positive("handshake_timeout", float, 5.0),
         rekey_after=tn.positive("rekey_after", float, 120.0),
     )
-    doc.finish()
     return cfg
 
 

@@ -30,6 +30,11 @@ class Netlink(Protocol):
 
     def real_addresses(self, exclude: set[str]) -> list[str]: ...
 
+    def configure_gn_tun(
+        self, ifname: str, mtu: int, downlink: str, vip4: str, pool4: ipaddress.IPv4Network,
+        vip6: str, pool6: ipaddress.IPv6Network, table: int,
+    ) -> None: ...
+
 
 class LinuxNetlink:
     def configure_tun(
@@ -60,6 +65,38 @@ class LinuxNetlink:
                 ipr.link("set", index=idx, state="up")
         except (NetlinkError, IndexError, OSError) as exc:
             raise CyphonicError(f"cannot configure {ifname}: {exc}") from exc
+
+    def configure_gn_tun(
+        self, ifname: str, mtu: int, downlink: str, vip4: str, pool4: ipaddress.IPv4Network,
+        vip6: str, pool6: ipaddress.IPv6Network, table: int,
+    ) -> None:
+        """A general node's TUN on the adapter: no address of its own; packets *from* the
+        general node's VIPs arriving on the downlink are policy-routed into it
+        (``ip rule from VIP iif downlink lookup TABLE``, ``TABLE: pool dev TUN``).
+        Replies written to the TUN reach the general node over the downlink's
+        connected route.  Idempotent."""
+        try:
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=ifname)[0]
+                ipr.link("set", index=idx, mtu=mtu, state="up")
+                for family, vip, pool in ((2, vip4, pool4), (10, vip6, pool6)):
+                    for rule in ipr.get_rules(family=family, priority=table):
+                        ipr.rule("del", family=family, priority=table,
+                                 table=rule.get_attr("FRA_TABLE") or table)
+                    ipr.rule("add", family=family, priority=table, table=table, src=vip,
+                             src_len=32 if family == 2 else 128, iifname=downlink)
+                    ipr.route("replace", dst=str(pool), oif=idx, table=table, family=family)
+        except (NetlinkError, IndexError, OSError) as exc:
+            raise CyphonicError(f"cannot configure {ifname} for a general node: {exc}") from exc
+
+    def remove_gn_rules(self, table: int) -> None:
+        with IPRoute() as ipr:
+            for family in (2, 10):
+                for _rule in ipr.get_rules(family=family, priority=table):
+                    try:
+                        ipr.rule("del", family=family, priority=table, table=table)
+                    except NetlinkError:
+                        pass
 
     def real_addresses(self, exclude: set[str]) -> list[str]:
         """Global unicast addresses of the host, except those on ``exclude`` links."""
@@ -97,3 +134,9 @@ class FakeNetlink:
 
     def real_addresses(self, exclude: set[str]) -> list[str]:
         return list(self.addresses)
+
+    def configure_gn_tun(
+        self, ifname: str, mtu: int, downlink: str, vip4: str, pool4: ipaddress.IPv4Network,
+        vip6: str, pool6: ipaddress.IPv6Network, table: int,
+    ) -> None:
+        self.tun = {"ifname": ifname, "downlink": downlink, "vip4": vip4, "table": table}

@@ -72,6 +72,15 @@ NAT_KEEPALIVE = 20.0  # a NAPT on the path: keep its UDP mapping (~30 s timeout)
 SOCKBUF = 4 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class GeneralNodeMode:
+    """How an adapter runs a general node's identity: the downlink it serves and the
+    policy-routing table (and rule priority) that steers the GN's packets into its TUN."""
+
+    downlink: str
+    table: int
+
+
 @dataclass
 class Counters:
     malformed: int = 0
@@ -95,8 +104,12 @@ class NodeDaemon:
         *,
         netlink: Netlink | None = None,
         tun_factory: Callable[[str], TunDevice] = LinuxTun,
+        general_node: GeneralNodeMode | None = None,
     ) -> None:
+        """``general_node``: run on an adapter as one general node's identity (its own
+        keys, sockets and TUN; the adapter owns the resolver and the downlink)."""
         self.cfg = cfg
+        self.gn = general_node
         self.netlink = netlink or LinuxNetlink()
         self.tun_factory = tun_factory
         self.keys = load_node_keys(cfg.state_dir)
@@ -153,26 +166,40 @@ class NodeDaemon:
         lr = self.login_result
         self.tun = self.tun_factory(self.cfg.tun_name)
         # pyroute2's synchronous IPRoute runs its own loop: keep it off ours
-        await asyncio.to_thread(
-            self.netlink.configure_tun,
-            self.tun.name,
-            self.cfg.mtu,
-            self.vip4,
-            ipaddress.IPv4Network(lr.vip4_pool),
-            self.vip6,
-            ipaddress.IPv6Network(lr.vip6_pool),
-        )
+        if self.gn is None:
+            await asyncio.to_thread(
+                self.netlink.configure_tun,
+                self.tun.name,
+                self.cfg.mtu,
+                self.vip4,
+                ipaddress.IPv4Network(lr.vip4_pool),
+                self.vip6,
+                ipaddress.IPv6Network(lr.vip6_pool),
+            )
+        else:
+            await asyncio.to_thread(
+                self.netlink.configure_gn_tun,
+                self.tun.name,
+                self.cfg.mtu,
+                self.gn.downlink,
+                self.vip4,
+                ipaddress.IPv4Network(lr.vip4_pool),
+                self.vip6,
+                ipaddress.IPv6Network(lr.vip6_pool),
+                self.gn.table,
+            )
         self._open_sockets()
         loop = asyncio.get_running_loop()
         loop.add_reader(self.tun.fileno(), self._tun_readable)
-        self.resolver = CyphonicResolver(
-            self.cfg.domain,
-            self._lookup,
-            self.cfg.resolver_upstream,
-            ttl=self.cfg.resolver_ttl,
-            lookup_timeout=self.cfg.lookup_timeout,
-        )
-        await self.resolver.start(self.cfg.resolver_listen)
+        if self.cfg.resolver_listen:
+            self.resolver = CyphonicResolver(
+                self.cfg.domain,
+                self._lookup,
+                self.cfg.resolver_upstream,
+                ttl=self.cfg.resolver_ttl,
+                lookup_timeout=self.cfg.lookup_timeout,
+            )
+            await self.resolver.start(self.cfg.resolver_listen)
         self.pool4 = ipaddress.IPv4Network(lr.vip4_pool)
         self.pool6 = ipaddress.IPv6Network(lr.vip6_pool)
         self.monitor = AddressMonitor(asyncio.get_running_loop(), self._addresses_changed)
@@ -280,7 +307,8 @@ class NodeDaemon:
         ]
 
     async def _real_addresses(self) -> tuple[str, ...]:
-        addrs = await asyncio.to_thread(self.netlink.real_addresses, {self.cfg.tun_name})
+        exclude = {self.cfg.tun_name} | ({self.gn.downlink} if self.gn else set())
+        addrs = await asyncio.to_thread(self.netlink.real_addresses, exclude)
         return tuple(sorted(addrs))
 
     async def _register(self) -> None:
