@@ -76,8 +76,9 @@ def peer(status: dict[str, Any], fqdn: str) -> Any:
 
 SERVER = r"""
 import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5002)); s.listen(1); print('ready', flush=True)
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # VIPv4 and VIPv6
+s.bind(("::", 5002)); s.listen(1); print('ready', flush=True)
 c, _ = s.accept(); h = hashlib.sha256(); n = 0
 while (d := c.recv(1 << 16)):
     h.update(d); n += len(d)
@@ -92,13 +93,12 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
 
 
 def transfer(lab: OverlayLab, src: str, dst: str, size: int = 4 << 20) -> None:
-    vip = lab.status(dst)["vip4"]
-    server = lab.topo.popen(
-        dst, [sys.executable, "-c", SERVER, vip], stdout=subprocess.PIPE, text=True
-    )
+    """A sha256-checked TCP transfer to ``dst`` by its FQDN (the system resolver)."""
+    server = lab.topo.popen(dst, [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        sent = run(lab, src, sys.executable, "-c", CLIENT, vip, str(size)).split()
+        name = f"{dst}.cyphonic.test"
+        sent = run(lab, src, sys.executable, "-c", CLIENT, name, str(size)).split()
         assert server.stdout.readline().split() == sent
     finally:
         if server.poll() is None:
