@@ -206,6 +206,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def format_status(data: dict[str, Any]) -> str:
     lines = []
+    if data.get("role") == "trs":
+        lines.append(
+            f"trs  listen {', '.join(data.get('listen', []))}  "
+            f"sessions {data.get('counters', {}).get('sessions')}"
+        )
+        for k, v in sorted(data.get("counters", {}).items()):
+            lines.append(f"  {k}: {v}")
+        return "\n".join(lines)
     if data.get("role") == "cloud":
         lines.append(
             f"cloud  domain {data.get('domain')}  nodes {data.get('nodes')}  "

@@ -182,7 +182,7 @@ def load_cloud_config(path: Path) -> CloudConfig:
         keepalive_interval=n.conv("keepalive_interval", int, _keepalive, 20),
         direction_timeout=n.positive("direction_timeout", float, 5.0),
         trs_key_file=n.conv("trs_key_file", str, Path, None),
-        relay_lifetime=n.positive("relay_lifetime", int, 86400),
+        relay_lifetime=n.conv("relay_lifetime", int, _relay_lifetime, 86400),
         pool4=p.conv("vip4", str, ipaddress.IPv4Network),
         pool6=p.conv("vip6", str, ipaddress.IPv6Network),
     )
@@ -261,6 +261,12 @@ def load_adapter_config(path: Path) -> AdapterConfig:
     return cfg
 
 
+def _relay_lifetime(value: int) -> int:
+    if not 60 <= value <= 7 * 86400:
+        raise ValueError("must be between 60 s and 7 days")
+    return value
+
+
 def _lease_time(value: int) -> int:
     if not 60 <= value <= 7 * 86400:
         raise ValueError("must be between 60 s and 7 days")
@@ -292,7 +298,7 @@ def _node_config(
         as_port=a.port("port", AS_PORT),
         ca_cert=Path(a.get("ca_cert", str, str(state_dir / "ca.crt"))),
         tun_name=t.conv("name", str, _ifname, "cyph0"),
-        mtu=t.conv("mtu", int, _mtu, 1420),
+        mtu=t.conv("mtu", int, _mtu, 1400),
         resolver_listen=r.conv("listen", list, _endpoints, ["127.0.0.1:53"]),
         resolver_upstream=r.conv("upstream", list, _endpoints, []),
         resolver_ttl=r.positive("ttl", int, 60),

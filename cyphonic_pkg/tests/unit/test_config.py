@@ -40,7 +40,7 @@ def test_node_defaults(tmp_path: Path) -> None:
     cfg = load_node_config(write(tmp_path, NODE))
     assert cfg.fqdn == "a.cyphonic.test"
     assert cfg.port == 30000 and cfg.as_port == 4501
-    assert cfg.tun_name == "cyph0" and cfg.mtu == 1420
+    assert cfg.tun_name == "cyph0" and cfg.mtu == 1400
     assert cfg.resolver_listen == [("127.0.0.1", 53)]
     assert cfg.ca_cert == Path("/var/lib/cyphonic/ca.crt")
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 RETRANSMIT = (0.25, 0.5, 1.0, 1.0, 2.0)
 ANSWER_CACHE = 4096
 MARK_FLUSH_INTERVAL = 10.0
+RELAY_WAIT = 1.0  # how long a punched direction waits for its fallback relay session
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,14 @@ class NmsCore:
                     "peer did not confirm the route direction",
                 ).pack()
                 out += self._answer(p.mn_key, p.mn_txid, err, p.mn_addr)
-            elif now >= p.next_at and not p.awaiting_relay:
+            elif p.awaiting_relay:
+                if not p.relay_required and now - p.started >= RELAY_WAIT:
+                    # the relay is only the fallback of a punch: do not let a silent TRS
+                    # cost the direction; punch without it
+                    p.awaiting_relay = False
+                    self.relay_trs.pop(sid, None)
+                    out += self._send_to_cn(p, now)
+            elif now >= p.next_at:
                 out += self._send_to_cn(p, now)
         if self._dirty_marks and now - self._last_flush >= MARK_FLUSH_INTERVAL:
             self.flush_marks(now)

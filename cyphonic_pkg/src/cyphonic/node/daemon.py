@@ -518,7 +518,11 @@ class NodeDaemon:
             peer.relayed_since = time.monotonic() if peer.relayed else None
             self._send_bind(peer, time.monotonic())  # the TRS learns our (NAT-mapped) endpoint
         else:
-            peer.relayed = False
+            # no relay for this session: forget the previous one (the TRS lets it idle out)
+            if peer.relay_session:
+                self.by_relay.pop(peer.relay_session, None)
+            peer.relay_endpoint, peer.relay_key, peer.relay_session = None, None, b""
+            peer.relayed = peer.relay_bound = False
         if rd.path == Path.RELAYED and rd.relay_key is None:
             raise CryptoError("relayed route direction without relay information")
         # the previous session stays valid for Tunnel Requests already on their way;
@@ -614,6 +618,8 @@ class NodeDaemon:
             peer.relay_key, Side(peer.relay_side), peer.relay_session, peer.relay_ts
         )
         self._send(bind.pack(), peer.relay_endpoint)
+        if peer.relay_bound and now - peer.last_bind_ack > 35.0:
+            peer.relay_bound = False  # two refreshes without an answer (e.g. a TRS restart)
         delay = 15.0 if peer.relay_bound else BIND_RETRY[min(peer.bind_attempt, 3)]
         peer.bind_attempt += 1
         peer.next_bind_at = now + delay
@@ -884,6 +890,7 @@ class NodeDaemon:
         if not peer.relay_bound:
             log.info("relay session for %s bound at TRS %s", peer.fqdn, format_endpoint(src))
         peer.relay_bound = True
+        peer.last_bind_ack = now
         peer.bind_attempt = 0
         peer.next_bind_at = now + 15.0
 
@@ -940,8 +947,14 @@ class NodeDaemon:
                 self._peer_timers(peer, now)
 
     def _peer_timers(self, peer: Peer, now: float) -> None:
-        if peer.relay_key is not None and now >= peer.next_bind_at:
-            self._send_bind(peer, now)  # holds the TRS session and our NAT mapping to it
+        if (
+            peer.relay_key is not None
+            and now >= peer.next_bind_at
+            and (peer.relayed or peer.initiator is not None or not peer.relay_bound)
+        ):
+            # holds the TRS session and our NAT mapping to it while the relay is (or may
+            # soon be) in use; once direct, the TRS session idles out
+            self._send_bind(peer, now)
         if peer.initiator is not None:
             elapsed = now - peer.handshake_started
             if (

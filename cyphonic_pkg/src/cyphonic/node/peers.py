@@ -43,6 +43,7 @@ class Peer:
     relay_session: bytes = b""
     relayed: bool = False  # sending through the TRS now
     relay_bound: bool = False
+    last_bind_ack: float = 0.0
     relay_ts: int = 0  # last RELAY_BIND timestamp (ms), strictly increasing
     next_bind_at: float = 0.0
     bind_attempt: int = 0
