@@ -87,6 +87,59 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gn_add(args: argparse.Namespace) -> int:
+    from cyphonic.admin import add_general_node, general_node_to_json
+    from cyphonic.store.sqlite import SQLiteStore
+
+    cfg = load_cloud_config(Path(args.config))
+    with SQLiteStore(cfg.db_path) as store:
+        rec = add_general_node(
+            store,
+            cfg.domain,
+            cfg.pool4,
+            cfg.pool6,
+            mac=args.mac,
+            fqdn=args.fqdn,
+            adapter_fqdn=args.adapter,
+            vip4=args.vip4,
+            vip6=args.vip6,
+            now=time.time(),
+        )
+    if args.json:
+        print(json.dumps(general_node_to_json(rec)))
+    else:
+        print(f"{rec.mac}  {rec.fqdn}  {rec.vip4}  {rec.vip6}  via {rec.adapter_fqdn}")
+    return 0
+
+
+def cmd_gn_remove(args: argparse.Namespace) -> int:
+    from cyphonic.admin import remove_general_node
+    from cyphonic.store.sqlite import SQLiteStore
+
+    cfg = load_cloud_config(Path(args.config))
+    with SQLiteStore(cfg.db_path) as store:
+        removed = remove_general_node(store, args.node)
+    if not removed:
+        raise CyphonicError(f"no general node {args.node!r}")
+    print(f"removed {args.node}")
+    return 0
+
+
+def cmd_gn_list(args: argparse.Namespace) -> int:
+    from cyphonic.admin import general_node_to_json, list_general_nodes
+    from cyphonic.store.sqlite import SQLiteStore
+
+    cfg = load_cloud_config(Path(args.config))
+    with SQLiteStore(cfg.db_path) as store:
+        recs = list_general_nodes(store, args.adapter)
+    if args.json:
+        print(json.dumps([general_node_to_json(r) for r in recs], indent=2))
+    else:
+        for r in recs:
+            print(f"{r.mac}  {r.fqdn}  {r.vip4}  {r.vip6}  via {r.adapter_fqdn}")
+    return 0
+
+
 def cmd_cloud(args: argparse.Namespace) -> int:
     from cyphonic.cloud import Cloud
 
@@ -277,6 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("trs-key", help="create the key shared by NMS and the TRS instances")
     tk.add_argument("--output", required=True)
     tk.set_defaults(func=cmd_trs_key)
+
+    gn = sub.add_parser("general-node", help="general nodes behind adapters (cloud host)")
+    gns = gn.add_subparsers(dest="gn_cmd", required=True)
+    ga = gns.add_parser("add", help="add (or confirm) a general node record")
+    ga.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
+    ga.add_argument("--mac", required=True)
+    ga.add_argument("--fqdn", required=True)
+    ga.add_argument("--adapter", required=True, help="FQDN of the owning adapter")
+    ga.add_argument("--vip4", help="default: allocated from the pool")
+    ga.add_argument("--vip6", help="default: allocated from the pool")
+    ga.add_argument("--json", action="store_true")
+    ga.set_defaults(func=cmd_gn_add)
+    gr = gns.add_parser("remove", help="remove a general node (by MAC or FQDN)")
+    gr.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
+    gr.add_argument("node")
+    gr.set_defaults(func=cmd_gn_remove)
+    gl = gns.add_parser("list", help="list general nodes")
+    gl.add_argument("--config", default=DEFAULT_CLOUD_CONFIG)
+    gl.add_argument("--adapter", help="only this adapter's")
+    gl.add_argument("--json", action="store_true")
+    gl.set_defaults(func=cmd_gn_list)
 
     en = sub.add_parser("enroll", help="generate keys locally and get a certificate from AS")
     en.add_argument("--config", default=DEFAULT_NODE_CONFIG)

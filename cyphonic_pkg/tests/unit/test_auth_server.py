@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,16 +24,23 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cyphonic import admin
 from cyphonic.auth import client
 from cyphonic.auth.server import (
     MAX_FRAME,
+    AuthServer,
     EnrollRequest,
+    GeneralNodeInfo,
+    GnEnrollRequest,
+    GnListRequest,
     LoginRequest,
     ServerStats,
     decode_frame,
     encode_frame,
     ensure_server_certificate,
     frame_length,
+    general_node_to_json,
+    gn_list_answer_from_json,
     login_result_from_json,
     login_result_to_json,
     parse_json_object,
@@ -51,6 +58,7 @@ from cyphonic.pki.ca import (
 )
 from cyphonic.pki.node_keys import generate_node_keys, make_csr
 from cyphonic.pki.tokens import create_token
+from cyphonic.store.base import GeneralNodeRecord
 from cyphonic.store.sqlite import SQLiteStore
 
 DOMAIN = "cy.example"
@@ -98,6 +106,26 @@ class Cloud:
 
     async def login(self, fqdn: str, key_dir: Path) -> Any:
         return await client.login("127.0.0.1", self.port, self.ca_path, key_dir, fqdn, DOMAIN)
+
+    def add_gn(self, mac: str, fqdn: str, adapter: str) -> GeneralNodeRecord:
+        return admin.add_general_node(
+            self.store,
+            DOMAIN,
+            POOL4,
+            POOL6,
+            mac=mac,
+            fqdn=fqdn,
+            adapter_fqdn=adapter,
+            now=time.time(),
+        )
+
+    async def gn_list(self, adapter_dir: Path) -> tuple[int, list[GeneralNodeInfo]]:
+        return await client.gn_list("127.0.0.1", self.port, self.ca_path, adapter_dir, DOMAIN)
+
+    async def gn_enroll(self, adapter_dir: Path, gn_dir: Path, fqdn: str) -> Path:
+        return await client.gn_enroll(
+            "127.0.0.1", self.port, self.ca_path, adapter_dir, gn_dir, fqdn, DOMAIN
+        )
 
 
 @asynccontextmanager
@@ -624,7 +652,7 @@ def _check_parser(data: bytes) -> None:
         req = parse_request(data)
     except DecodeError:
         return
-    assert isinstance(req, EnrollRequest | LoginRequest)
+    assert isinstance(req, EnrollRequest | LoginRequest | GnListRequest | GnEnrollRequest)
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -645,7 +673,7 @@ json_values = st.recursive(
     max_leaves=6,
 )
 request_like = st.fixed_dictionaries(
-    {"op": st.sampled_from(["enroll", "login", "other", ""]) | json_values},
+    {"op": st.sampled_from(["enroll", "login", "gn_list", "gn_enroll", "other", ""]) | json_values},
     optional={
         "token": st.text(max_size=300) | json_values,
         "fqdn": st.text(max_size=300) | json_values,
@@ -664,6 +692,11 @@ def test_fuzz_request_parser_structured(obj: dict[str, Any]) -> None:
         return
     if isinstance(req, LoginRequest):
         assert obj["op"] == "login" and req.fqdn == obj["fqdn"]
+    elif isinstance(req, GnListRequest):
+        assert obj["op"] == "gn_list"
+    elif isinstance(req, GnEnrollRequest):
+        assert obj["op"] == "gn_enroll" and req.fqdn == obj["fqdn"]
+        assert req.csr_pem == obj["csr"].encode("ascii") and 0 < len(req.fqdn) <= 255
     else:
         assert obj["op"] == "enroll" and req.token == obj["token"]
 
@@ -737,3 +770,243 @@ def test_internal_error_is_answered_and_logged(
 
     run(main())
     assert any(r.exc_info for r in caplog.records if r.levelno == logging.ERROR)
+
+
+# ============================================================== general nodes
+
+MAC1 = "02:00:5e:00:53:01"
+MAC2 = "02:00:5e:00:53:02"
+
+
+def test_general_node_end_to_end(tmp_path: Path) -> None:
+    """The adapter lists its general nodes, enrolls one, and the general node logs in."""
+
+    async def main() -> None:
+        async with cloud(tmp_path) as c:
+            ad_dir = tmp_path / "adapter"
+            await c.enroll("ad.cy.example", ad_dir)
+            await c.enroll("ad2.cy.example", tmp_path / "adapter2")
+            gn1 = c.add_gn(MAC1, "gn1.cy.example", "ad.cy.example")
+            gn2 = c.add_gn(MAC2, "gn2.cy.example", "ad2.cy.example")
+            generation, nodes = await c.gn_list(ad_dir)
+            assert generation == admin.generation(c.store) == 2
+            assert nodes == [GeneralNodeInfo(MAC1, "gn1.cy.example", gn1.vip4, gn1.vip6)]
+            assert await c.gn_list(tmp_path / "adapter2") == (
+                2,
+                [GeneralNodeInfo(MAC2, "gn2.cy.example", gn2.vip4, gn2.vip6)],
+            )
+            gn_dir = ad_dir / "general-nodes" / MAC1.replace(":", "")
+            cert_path = await c.gn_enroll(ad_dir, gn_dir, "gn1.cy.example")
+            assert cert_path == gn_dir / "node.crt"
+            assert mode(gn_dir / "node.key") == 0o600 and mode(gn_dir / "x25519.key") == 0o600
+            assert (gn_dir / "ca.crt").read_bytes() == c.ca_path.read_bytes()
+            assert (ad_dir / "node.crt").read_bytes() != cert_path.read_bytes()
+            result = await c.login("gn1.cy.example", gn_dir)
+            assert (result.fqdn, result.vip4, result.vip6) == ("gn1.cy.example", gn1.vip4, gn1.vip6)
+            node = c.store.get_node_by_fqdn("gn1.cy.example")
+            assert node is not None and node.node_id == result.node_id
+            # the adapter still logs in as itself, and sees a later change
+            await c.login("ad.cy.example", ad_dir)
+            admin.remove_general_node(c.store, MAC1)
+            assert await c.gn_list(ad_dir) == (3, [])
+            with pytest.raises(AuthError, match=r"gn1\.cy\.example is not enrolled"):
+                await c.login("gn1.cy.example", gn_dir)
+            s = c.stats
+            assert (s.gn_listed, s.gn_enrolled, s.logged_in) == (3, 1, 2)
+            assert s.internal_errors == 0
+
+    run(main())
+
+
+def test_gn_requests_need_a_client_certificate(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cloud(tmp_path) as c:
+            answer = await raw_request(c, frame({"op": "gn_list"}))
+            assert answer == {
+                "ok": False,
+                "code": "login_refused",
+                "error": "gn_list needs the adapter's client certificate (node.crt)",
+            }
+            answer = await raw_request(
+                c, frame({"op": "gn_enroll", "fqdn": "gn1.cy.example", "csr": "x"})
+            )
+            assert answer is not None and answer["code"] == "login_refused"
+            assert "gn_enroll needs the adapter's client certificate" in answer["error"]
+            assert c.stats.refused == 2
+
+    run(main())
+
+
+def test_gn_enroll_refusals_over_tls(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cloud(tmp_path) as c:
+            await c.enroll("ad.cy.example", tmp_path / "ad")
+            await c.enroll("ad2.cy.example", tmp_path / "ad2")
+            c.add_gn(MAC1, "gn1.cy.example", "ad.cy.example")
+            with pytest.raises(
+                EnrollmentError,
+                match=r"refused to enroll general node gn1\.cy\.example: general node "
+                r"gn1\.cy\.example is behind the adapter ad\.cy\.example, not ad2\.cy\.example "
+                r"\(enroll_refused\)$",
+            ):
+                await c.gn_enroll(tmp_path / "ad2", tmp_path / "gn1-by-ad2", "gn1.cy.example")
+            with pytest.raises(EnrollmentError, match=r"gn9\.cy\.example is not a general node"):
+                await c.gn_enroll(tmp_path / "ad", tmp_path / "gn9", "gn9.cy.example")
+            assert not (tmp_path / "gn1-by-ad2" / "node.crt").exists()
+            # a node cannot enroll under a general node's name
+            with pytest.raises(
+                EnrollmentError, match=r"gn1\.cy\.example is a general node .*\(enroll_refused\)"
+            ):
+                await c.enroll("gn1.cy.example", tmp_path / "impostor")
+            assert c.store.get_node_by_fqdn("gn1.cy.example") is None
+            assert c.stats.gn_enrolled == 0 and c.stats.refused == 3
+
+    run(main())
+
+
+def test_gn_client_local_refusals(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cloud(tmp_path) as c:
+            ad = tmp_path / "ad"
+            with pytest.raises(AuthError, match=r"node\.crt not found: enroll this node first"):
+                await c.gn_list(ad)
+            with pytest.raises(EnrollmentError, match=r"node\.crt not found: enroll this node"):
+                await c.gn_enroll(ad, tmp_path / "gn1", "gn1.cy.example")
+            await c.enroll("ad.cy.example", ad)
+            with pytest.raises(EnrollmentError, match="is the adapter's own"):
+                await c.gn_enroll(ad, ad, "gn1.cy.example")
+            with pytest.raises(EnrollmentError, match="not under the CYPHONIC domain"):
+                await c.gn_enroll(ad, tmp_path / "gn1", "gn1.other.example")
+            assert c.stats.connections == 1  # only the adapter's enrollment
+            assert not (tmp_path / "gn1").exists()
+
+    run(main())
+
+
+def test_gn_list_by_a_general_node_is_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with cloud(tmp_path) as c:
+            await c.enroll("ad.cy.example", tmp_path / "ad")
+            c.add_gn(MAC1, "gn1.cy.example", "ad.cy.example")
+            await c.gn_enroll(tmp_path / "ad", tmp_path / "gn1", "gn1.cy.example")
+            with pytest.raises(AuthError, match=r"general node, not an adapter \(login_refused\)$"):
+                await c.gn_list(tmp_path / "gn1")
+
+    run(main())
+
+
+def test_gn_list_too_long_for_one_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        async with cloud(tmp_path) as c:
+            records = [
+                GeneralNodeRecord(
+                    mac=f"02:00:00:00:{i >> 8:02x}:{i & 0xFF:02x}",
+                    fqdn=f"general-node-{i:05d}.cy.example",
+                    vip4=IPv4Address("10.0.0.0") + i,
+                    vip6=IPv6Address("fd00::") + i,
+                    adapter_fqdn="ad.cy.example",
+                    created_at=0.0,
+                )
+                for i in range(1000)
+            ]
+            monkeypatch.setattr(c.service, "gn_list", lambda _der, _now: (7, records))
+            handler = AuthServer(c.service, ssl.create_default_context())
+            answer = handler.handle_request(GnListRequest(), b"")
+            assert answer["ok"] is False and answer["code"] == "refused"
+            assert "1000 general nodes does not fit" in answer["error"]
+            monkeypatch.setattr(c.service, "gn_list", lambda _der, _now: (7, records[:300]))
+            answer = handler.handle_request(GnListRequest(), b"")
+            assert answer["ok"] is True and len(answer["general_nodes"]) == 300
+
+    run(main())
+
+
+def test_parse_gn_requests() -> None:
+    assert parse_request(b'{"op": "gn_list", "extra": 1}') == GnListRequest()
+    req = parse_request(
+        json.dumps({"op": "gn_enroll", "fqdn": "gn1.cy.example", "csr": "PEM"}).encode()
+    )
+    assert req == GnEnrollRequest(fqdn="gn1.cy.example", csr_pem=b"PEM")
+    for bad in (
+        {"op": "gn_enroll", "fqdn": "gn1.cy.example"},
+        {"op": "gn_enroll", "csr": "PEM"},
+        {"op": "gn_enroll", "fqdn": "", "csr": "PEM"},
+        {"op": "gn_enroll", "fqdn": "f" * 256, "csr": "PEM"},
+        {"op": "gn_enroll", "fqdn": "f", "csr": "é"},
+        {"op": "gn_enroll", "fqdn": 1, "csr": "PEM"},
+        {"op": "GN_LIST"},
+    ):
+        with pytest.raises(DecodeError):
+            parse_request(json.dumps(bad).encode())
+
+
+VALID_GN_ANSWER: dict[str, Any] = {
+    "ok": True,
+    "generation": 5,
+    "general_nodes": [
+        {"mac": MAC1, "fqdn": "gn1.cy.example", "vip4": "10.77.0.2", "vip6": "fd00:77::2"},
+        {"mac": MAC2, "fqdn": "gn2.cy.example", "vip4": "10.77.0.3", "vip6": "fd00:77::3"},
+    ],
+}
+
+
+def test_gn_list_answer_round_trip() -> None:
+    generation, nodes = gn_list_answer_from_json(VALID_GN_ANSWER, DOMAIN)
+    assert generation == 5
+    assert nodes[0] == GeneralNodeInfo(
+        MAC1, "gn1.cy.example", IPv4Address("10.77.0.2"), IPv6Address("fd00:77::2")
+    )
+    assert [general_node_to_json(n) for n in nodes] == VALID_GN_ANSWER["general_nodes"]
+    assert gn_list_answer_from_json({"generation": 0, "general_nodes": []}) == (0, [])
+    entry = VALID_GN_ANSWER["general_nodes"][0]
+    bad: dict[str, Any]
+    for bad in (
+        {"generation": -1},
+        {"generation": True},
+        {"generation": 2**63},
+        {"general_nodes": {}},
+        {"general_nodes": [1]},
+        {"general_nodes": [{**entry, "mac": "02:00:5E:00:53:01"}]},
+        {"general_nodes": [{**entry, "mac": "nonsense"}]},
+        {"general_nodes": [{**entry, "fqdn": "gn1.other.example"}]},
+        {"general_nodes": [{**entry, "fqdn": "GN1.cy.example"}]},
+        {"general_nodes": [{**entry, "vip4": "fd00::1"}]},
+        {"general_nodes": [{**entry, "vip6": "10.0.0.1"}]},
+        {"general_nodes": [{**entry, "vip6": 7}]},
+        {"general_nodes": [entry, {**entry, "fqdn": "other.cy.example"}]},  # MAC twice
+        {"general_nodes": [entry, {**entry, "mac": MAC2}]},  # FQDN twice
+    ):
+        with pytest.raises(DecodeError):
+            gn_list_answer_from_json({**VALID_GN_ANSWER, **bad}, DOMAIN)
+
+
+gn_entry_values = (
+    st.none()
+    | st.integers()
+    | st.text(max_size=30)
+    | st.sampled_from([MAC1, "gn1.cy.example", "10.77.0.2", "fd00:77::2", "02:00:5E:00:53:01"])
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.integers(-5, 2**64) | st.none() | st.text(max_size=5),
+    st.lists(
+        st.dictionaries(st.sampled_from(["mac", "fqdn", "vip4", "vip6"]), gn_entry_values)
+        | st.just(VALID_GN_ANSWER["general_nodes"][0])
+        | json_values,
+        max_size=4,
+    ),
+)
+def test_fuzz_gn_list_answer_decoder(generation: Any, entries: list[Any]) -> None:
+    try:
+        gen, nodes = gn_list_answer_from_json(
+            {"generation": generation, "general_nodes": entries}, DOMAIN
+        )
+    except DecodeError:
+        return
+    assert isinstance(gen, int) and 0 <= gen < 2**63
+    assert len({n.mac for n in nodes}) == len(nodes) == len(entries)
+    for n in nodes:
+        assert isinstance(n.vip4, IPv4Address) and isinstance(n.vip6, IPv6Address)
+        assert n.fqdn.endswith("." + DOMAIN)

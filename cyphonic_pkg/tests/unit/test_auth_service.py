@@ -9,6 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cyphonic.admin import GeneralNodeError, add_general_node, remove_general_node
 from cyphonic.auth.service import AuthService, EnrollResult, LoginResult
 from cyphonic.errors import AuthError, CyphonicError, EnrollmentError
 from cyphonic.pki.ca import (
@@ -18,7 +19,8 @@ from cyphonic.pki.ca import (
     verify_node_certificate,
 )
 from cyphonic.pki.node_keys import NodeKeys, generate_node_keys, make_csr
-from cyphonic.pki.tokens import TokenError, create_token
+from cyphonic.pki.tokens import TokenError, create_token, hash_token
+from cyphonic.store.base import GeneralNodeRecord
 from cyphonic.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_000.0
@@ -212,3 +214,161 @@ def test_login_refusals(service: AuthService, ca: CertificateAuthority, tmp_path
     with pytest.raises(AuthError, match=r"ghost\.cy\.example is not enrolled"):
         service.login(ghost.public_bytes(serialization.Encoding.DER), "ghost.cy.example", NOW)
     assert service.store.delete_expired_keys(NOW + 10**9) == 0  # no key was handed out
+
+
+# ----------------------------------------------------------------- general nodes
+
+
+def add_gn(
+    service: AuthService,
+    mac: str = "02:00:5e:00:53:01",
+    fqdn: str = "gn1.cy.example",
+    adapter: str = "ad.cy.example",
+) -> GeneralNodeRecord:
+    return add_general_node(
+        service.store,
+        DOMAIN,
+        POOL4,
+        POOL6,
+        mac=mac,
+        fqdn=fqdn,
+        adapter_fqdn=adapter,
+        now=NOW,
+    )
+
+
+def gn_enroll(
+    service: AuthService, adapter_der: bytes | None, keys: NodeKeys, fqdn: str, now: float = NOW
+) -> tuple[EnrollResult, bytes]:
+    result = service.gn_enroll(adapter_der, fqdn, make_csr(keys, fqdn), now)
+    cert = x509.load_pem_x509_certificate(result.cert_pem)
+    return result, cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_gn_list_returns_the_callers_general_nodes(service: AuthService, tmp_path: Path) -> None:
+    _, ad = enroll(service, keys_for(tmp_path, "ad"), "ad.cy.example")
+    _, ad2 = enroll(service, keys_for(tmp_path, "ad2"), "ad2.cy.example")
+    _, plain = enroll(service, keys_for(tmp_path, "n1"), "n1.cy.example")
+    b = add_gn(service, "02:00:5e:00:53:02", "gn-b.cy.example")
+    a = add_gn(service, "02:00:5e:00:53:01", "gn-a.cy.example")
+    c = add_gn(service, "02:00:5e:00:53:03", "gn-c.cy.example", adapter="ad2.cy.example")
+    generation, nodes = service.gn_list(ad, NOW)
+    assert generation == 3
+    assert nodes == [a, b]
+    assert service.gn_list(ad2, NOW) == (3, [c])
+    assert service.gn_list(plain, NOW) == (3, [])  # a node without general nodes
+    service.store.delete_general_node(b.mac)
+    assert service.gn_list(ad, NOW) == (4, [a])
+
+
+def test_gn_list_authenticates_like_login(
+    service: AuthService, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    _, old = enroll(service, keys_for(tmp_path, "ad"), "ad.cy.example")
+    add_gn(service)
+    with pytest.raises(AuthError, match=r"gn_list needs the adapter's client certificate"):
+        service.gn_list(None, NOW)
+    with pytest.raises(AuthError, match="expired"):
+        service.gn_list(old, NOW + 91 * DAY)
+    _, new = enroll(service, keys_for(tmp_path, "ad-new"), "ad.cy.example", NOW + 1)
+    with pytest.raises(AuthError, match="superseded by a later enrollment"):
+        service.gn_list(old, NOW + 2)
+    assert len(service.gn_list(new, NOW + 2)[1]) == 1
+    other = init_ca(tmp_path / "other", DOMAIN, NOW - DAY)
+    keys = keys_for(tmp_path, "evil")
+    forged = issue_node_certificate(other, make_csr(keys, "ad.cy.example"), "ad.cy.example", 9, NOW)
+    with pytest.raises(AuthError, match="not issued by this CYPHONIC CA"):
+        service.gn_list(forged.public_bytes(serialization.Encoding.DER), NOW)
+    ghost = issue_node_certificate(
+        ca, make_csr(keys, "ghost.cy.example"), "ghost.cy.example", 9, NOW
+    )
+    with pytest.raises(AuthError, match=r"ghost\.cy\.example is not enrolled"):
+        service.gn_list(ghost.public_bytes(serialization.Encoding.DER), NOW)
+
+
+def test_gn_enroll_then_login(
+    service: AuthService, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    _, ad = enroll(service, keys_for(tmp_path, "ad"), "ad.cy.example")
+    rec = add_gn(service)
+    keys = keys_for(tmp_path, "gn1")
+    result, der = gn_enroll(service, ad, keys, "GN1.cy.example.")
+    ident = verify_node_certificate(ca.cert, der, NOW, "gn1.cy.example")
+    assert ident.x25519_public == keys.x25519_public
+    assert result.ca_pem == ca.cert_pem
+    node = result.node
+    assert (node.fqdn, node.vip4, node.vip6) == (rec.fqdn, rec.vip4, rec.vip6)
+    assert node.cert_serial == ident.serial and node.x25519_public == keys.x25519_public
+    assert service.store.get_node_by_fqdn("gn1.cy.example") == node
+    login = service.login(der, "gn1.cy.example", NOW + 1)
+    assert (login.node_id, login.vip4, login.vip6) == (node.node_id, rec.vip4, rec.vip6)
+    # a new certificate (new keys) supersedes the first, keeping node_id and VIPs
+    again, der2 = gn_enroll(service, ad, keys_for(tmp_path, "gn1-new"), "gn1.cy.example", NOW + 5)
+    assert again.node.node_id == node.node_id and again.node.vip4 == rec.vip4
+    with pytest.raises(AuthError, match="superseded"):
+        service.login(der, "gn1.cy.example", NOW + 6)
+    service.login(der2, "gn1.cy.example", NOW + 6)
+    # the general node is not an adapter
+    with pytest.raises(AuthError, match=r"gn1\.cy\.example is a general node, not an adapter"):
+        service.gn_list(der2, NOW + 6)
+    # the record is unchanged by the enrollment
+    assert service.store.get_general_node(rec.mac) == rec
+
+
+def test_gn_enroll_refusals(service: AuthService, tmp_path: Path) -> None:
+    _, ad = enroll(service, keys_for(tmp_path, "ad"), "ad.cy.example")
+    _, ad2 = enroll(service, keys_for(tmp_path, "ad2"), "ad2.cy.example")
+    add_gn(service)
+    keys = keys_for(tmp_path, "gn1")
+    csr = make_csr(keys, "gn1.cy.example")
+    with pytest.raises(AuthError, match=r"gn_enroll needs the adapter's client certificate"):
+        service.gn_enroll(None, "gn1.cy.example", csr, NOW)
+    with pytest.raises(
+        EnrollmentError,
+        match=r"general node gn1\.cy\.example is behind the adapter ad\.cy\.example, not ad2",
+    ):
+        service.gn_enroll(ad2, "gn1.cy.example", csr, NOW)
+    with pytest.raises(EnrollmentError, match=r"gn9\.cy\.example is not a general node registered"):
+        service.gn_enroll(ad, "gn9.cy.example", make_csr(keys, "gn9.cy.example"), NOW)
+    with pytest.raises(EnrollmentError, match=r"ad2\.cy\.example is not a general node"):
+        service.gn_enroll(ad, "ad2.cy.example", make_csr(keys, "ad2.cy.example"), NOW)
+    with pytest.raises(EnrollmentError, match="not under the CYPHONIC domain"):
+        service.gn_enroll(ad, "gn1.other.example", csr, NOW)
+    with pytest.raises(EnrollmentError, match="subject CN"):
+        service.gn_enroll(ad, "gn1.cy.example", make_csr(keys, "gn2.cy.example"), NOW)
+    with pytest.raises(EnrollmentError, match="not a PEM certificate signing request"):
+        service.gn_enroll(ad, "gn1.cy.example", b"garbage", NOW)
+    assert service.store.get_node_by_fqdn("gn1.cy.example") is None
+
+
+def test_node_enrollment_with_a_general_node_fqdn_is_refused(
+    service: AuthService, tmp_path: Path
+) -> None:
+    add_gn(service)
+    keys = keys_for(tmp_path, "n")
+    token = create_token(service.store, "gn1.cy.example", 600, NOW)
+    with pytest.raises(
+        EnrollmentError,
+        match=r"gn1\.cy\.example is a general node behind the adapter ad\.cy\.example; only its",
+    ):
+        service.enroll(token, "gn1.cy.example", make_csr(keys, "gn1.cy.example"), NOW)
+    assert service.store.get_node_by_fqdn("gn1.cy.example") is None
+    stored = service.store.get_token(hash_token(token))
+    assert stored is not None and stored.used_at is None  # the token was not burnt
+    # and the other way round: a general node cannot take an enrolled node's name
+    enroll(service, keys_for(tmp_path, "n1"), "n1.cy.example")
+    with pytest.raises(GeneralNodeError, match=r"n1\.cy\.example is an enrolled node"):
+        add_gn(service, "02:00:5e:00:53:09", "n1.cy.example")
+
+
+def test_removed_general_node_cannot_log_in(service: AuthService, tmp_path: Path) -> None:
+    _, ad = enroll(service, keys_for(tmp_path, "ad"), "ad.cy.example")
+    rec = add_gn(service)
+    _, der = gn_enroll(service, ad, keys_for(tmp_path, "gn1"), "gn1.cy.example")
+    login = service.login(der, "gn1.cy.example", NOW)
+    assert remove_general_node(service.store, rec.fqdn)
+    with pytest.raises(AuthError, match=r"gn1\.cy\.example is not enrolled"):
+        service.login(der, "gn1.cy.example", NOW + 1)
+    assert service.store.get_common_key(login.key_id) is None
+    with pytest.raises(EnrollmentError, match="not a general node registered"):
+        gn_enroll(service, ad, keys_for(tmp_path, "gn1"), "gn1.cy.example")

@@ -104,3 +104,49 @@ def test_format_status(registered: bool) -> None:
     )
     assert "b.cyphonic.test" in text and "replayed=2" in text
     assert ("NOT registered" in text) is not registered
+
+
+def test_general_node_commands(tmp_path: Path) -> None:
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(
+        f'[cloud]\nstate_dir="{tmp_path}"\n[nms]\npublic=["192.0.2.1:4502"]\n'
+        '[pools]\nvip4="10.64.0.0/16"\nvip6="fd43:5950::/64"\n'
+    )
+    add = cyphonic(
+        "general-node",
+        "add",
+        "--config",
+        str(cfg),
+        "--mac",
+        "02:00:00:00:00:01",
+        "--fqdn",
+        "cam1.cyphonic.test",
+        "--adapter",
+        "ad1.cyphonic.test",
+        "--json",
+    )
+    assert add.returncode == 0, add.stderr
+    assert '"vip4": "10.64.' in add.stdout
+    bad = cyphonic(
+        "general-node",
+        "add",
+        "--config",
+        str(cfg),
+        "--mac",
+        "02:00:00:00:00:02",
+        "--fqdn",
+        "cam1.cyphonic.test",
+        "--adapter",
+        "ad1.cyphonic.test",
+    )
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    lst = cyphonic("general-node", "list", "--config", str(cfg))
+    assert "cam1.cyphonic.test" in lst.stdout
+    assert (
+        cyphonic("general-node", "remove", "--config", str(cfg), "cam1.cyphonic.test").returncode
+        == 0
+    )
+    assert (
+        cyphonic("general-node", "remove", "--config", str(cfg), "cam1.cyphonic.test").returncode
+        == 1
+    )

@@ -14,13 +14,16 @@ from hypothesis import strategies as st
 from cyphonic.store.base import (
     CommonKey,
     DuplicateKeyError,
+    GeneralNodeConflictError,
+    GeneralNodeRecord,
     PoolExhaustedError,
     Registration,
     Store,
     StoreError,
     TokenRecord,
+    is_canonical_mac,
 )
-from cyphonic.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from cyphonic.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 POOL4 = IPv4Network("10.77.0.0/24")
 POOL6 = IPv6Network("fd00:77::/64")
@@ -328,3 +331,224 @@ def test_store_usable_after_failed_write(store: SQLiteStore) -> None:
         store.put_token(rec)
     add_node(store, "n1.cy.example")
     assert len(store.list_nodes()) == 1
+
+
+# ----------------------------------------------------------------- migrations
+
+
+def make_v1_database(path: Path) -> None:
+    """A database file as schema version 1 left it, with some data."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for sql in _MIGRATIONS[0]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.execute(
+        "INSERT INTO tokens VALUES (?, 'n.cy.example', ?, ?, NULL)", (b"t" * 32, NOW, NOW + 60)
+    )
+    conn.execute("INSERT INTO vip_allocations VALUES ('n1.cy.example', '10.77.0.2', 'fd00:77::2')")
+    conn.execute(
+        "INSERT INTO nodes VALUES (42, 'n1.cy.example', '10.77.0.2', 'fd00:77::2', ?, '7', ?, ?)",
+        (b"der", bytes(32), NOW),
+    )
+    conn.execute("INSERT INTO common_keys VALUES (9, 42, ?, ?, 5)", (b"k" * 32, NOW + 60))
+    conn.execute(
+        "INSERT INTO registrations VALUES (42, '[\"192.0.2.1\"]', 30000, '[]', ?, ?, 9)",
+        (NOW, NOW),
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_schema_version_is_2() -> None:
+    assert SCHEMA_VERSION == 2
+
+
+def test_v1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.sqlite"
+    make_v1_database(path)
+    with SQLiteStore(path) as s:
+        token = s.get_token(b"t" * 32)
+        assert token is not None and token.fqdn == "n.cy.example"
+        node = s.get_node(42)
+        assert node is not None and node.fqdn == "n1.cy.example" and node.cert_serial == 7
+        key = s.get_common_key(9)
+        assert key is not None and key.high_counter == 5
+        reg = s.get_registration(42)
+        assert reg is not None and reg.addresses == ("192.0.2.1",) and reg.key_id == 9
+        assert s.allocate_vips("n1.cy.example", POOL4, POOL6) == (
+            IPv4Address("10.77.0.2"),
+            IPv6Address("fd00:77::2"),
+        )
+        # the new tables work
+        assert s.list_general_nodes() == []
+        assert s.general_nodes_generation() == 0
+        s.put_general_node(gn("02:00:00:00:00:01", "gn1.cy.example", 3))
+        assert s.general_nodes_generation() == 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    conn.close()
+    with SQLiteStore(path) as s:  # reopening an up-to-date file changes nothing
+        assert [g.fqdn for g in s.list_general_nodes()] == ["gn1.cy.example"]
+        assert s.general_nodes_generation() == 1
+
+
+def test_a_failed_migration_leaves_the_old_database(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.sqlite"
+    make_v1_database(path)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE meta (x INTEGER)")  # in the way of migration 2
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=r"cloud\.sqlite: table meta already exists"):
+        SQLiteStore(path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "general_nodes" not in tables and "nodes" in tables
+    conn.close()
+
+
+# ----------------------------------------------------------------- general nodes
+
+
+def gn(
+    mac: str,
+    fqdn: str,
+    host: int,
+    adapter: str = "ad.cy.example",
+    vip6_host: int | None = None,
+) -> GeneralNodeRecord:
+    return GeneralNodeRecord(
+        mac=mac,
+        fqdn=fqdn,
+        vip4=IPv4Address(f"10.77.0.{host}"),
+        vip6=IPv6Address(f"fd00:77::{vip6_host if vip6_host is not None else host:x}"),
+        adapter_fqdn=adapter,
+        created_at=NOW,
+    )
+
+
+def test_is_canonical_mac() -> None:
+    assert is_canonical_mac("02:00:5e:00:53:01")
+    for bad in ("02:00:5E:00:53:01", "02-00-5e-00-53-01", "02:00:5e:00:53", "", "0200:5e00:5301"):
+        assert not is_canonical_mac(bad)
+
+
+def test_general_nodes_crud(store: SQLiteStore) -> None:
+    a = gn("02:00:00:00:00:0a", "a.cy.example", 10)
+    b = gn("02:00:00:00:00:0b", "b.cy.example", 11, adapter="other.cy.example")
+    c = gn("02:00:00:00:00:0c", "c.cy.example", 12)
+    for rec in (c, a, b):
+        store.put_general_node(rec)
+    assert store.get_general_node("02:00:00:00:00:0a") == a
+    assert store.get_general_node("02:00:00:00:00:0A") == a  # any case
+    assert store.get_general_node("02:00:00:00:00:ff") is None
+    assert store.get_general_node_by_fqdn("b.cy.example") == b
+    assert store.get_general_node_by_fqdn("x.cy.example") is None
+    assert store.list_general_nodes() == [a, b, c]
+    assert store.list_general_nodes("ad.cy.example") == [a, c]
+    assert store.list_general_nodes("nobody.cy.example") == []
+    assert store.general_nodes_generation() == 3
+    assert store.delete_general_node("02:00:00:00:00:0B")
+    assert not store.delete_general_node("02:00:00:00:00:0b")
+    assert store.list_general_nodes() == [a, c]
+    assert store.general_nodes_generation() == 4
+    assert store.bump_general_nodes_generation() == 5
+    assert store.general_nodes_generation() == 5
+
+
+def test_put_identical_record_changes_nothing(store: SQLiteStore) -> None:
+    a = gn("02:00:00:00:00:0a", "a.cy.example", 10)
+    store.put_general_node(a)
+    store.put_general_node(GeneralNodeRecord(**{**a.__dict__, "created_at": NOW + 99}))
+    assert store.get_general_node(a.mac) == a
+    assert store.general_nodes_generation() == 1
+
+
+def test_general_node_vips_are_reserved(store: SQLiteStore) -> None:
+    store.put_general_node(gn("02:00:00:00:00:0a", "a.cy.example", 2))
+    assert store.vip_holder(IPv4Address("10.77.0.2")) == "a.cy.example"
+    assert store.vip_holder(IPv6Address("fd00:77::2")) == "a.cy.example"
+    assert store.vip_holder(IPv4Address("10.77.0.3")) is None
+    # the allocator skips them, and gives the general node its own back
+    assert store.allocate_vips("n1.cy.example", POOL4, POOL6) == (
+        IPv4Address("10.77.0.3"),
+        IPv6Address("fd00:77::3"),
+    )
+    assert store.vip_holder(IPv4Address("10.77.0.3")) == "n1.cy.example"
+    assert store.allocate_vips("a.cy.example", POOL4, POOL6) == (
+        IPv4Address("10.77.0.2"),
+        IPv6Address("fd00:77::2"),
+    )
+
+
+def test_general_node_conflicts(store: SQLiteStore) -> None:
+    store.put_general_node(gn("02:00:00:00:00:0a", "a.cy.example", 10))
+    add_node(store, "n1.cy.example")  # 10.77.0.2, fd00:77::2
+    store.allocate_vips("reserved.cy.example", POOL4, POOL6)  # 10.77.0.3
+    cases = [
+        (gn("02:00:00:00:00:0a", "other.cy.example", 20), "MAC 02:00:00:00:00:0a is already"),
+        (gn("02:00:00:00:00:0b", "a.cy.example", 20), "already the general node with MAC"),
+        (gn("02:00:00:00:00:0b", "n1.cy.example", 20), "FQDN of an enrolled node"),
+        (gn("02:00:00:00:00:0b", "ad.cy.example", 20, adapter="x.cy.example"), "adapter of"),
+        (gn("02:00:00:00:00:0b", "b.cy.example", 20, adapter="a.cy.example"), "itself a general"),
+        (gn("02:00:00:00:00:0b", "b.cy.example", 2, vip6_host=20), r"VIPv4 10\.77\.0\.2 .* n1"),
+        (gn("02:00:00:00:00:0b", "b.cy.example", 20, vip6_host=3), r"VIPv6 fd00:77::3 .* reserved"),
+        (gn("02:00:00:00:00:0b", "b.cy.example", 10, vip6_host=20), r"taken by a\.cy\.example"),
+        (gn("02:00:00:00:00:0b", "b.cy.example", 20, adapter="b.cy.example"), "its own adapter"),
+    ]
+    for record, message in cases:
+        with pytest.raises(GeneralNodeConflictError, match=message):
+            store.put_general_node(record)
+    assert [g.fqdn for g in store.list_general_nodes()] == ["a.cy.example"]
+    assert store.general_nodes_generation() == 1
+    with pytest.raises(StoreError, match="aa:bb:cc:dd:ee:ff"):
+        store.put_general_node(gn("02:00:00:00:00:0B", "b.cy.example", 20))
+
+
+def test_updating_a_general_node_moves_its_node(store: SQLiteStore) -> None:
+    a = gn("02:00:00:00:00:0a", "a.cy.example", 10)
+    store.put_general_node(a)
+    node_id = store.upsert_node(
+        fqdn="a.cy.example",
+        vip4=a.vip4,
+        vip6=a.vip6,
+        cert_der=b"x",
+        cert_serial=1,
+        x25519_public=bytes(32),
+        enrolled_at=NOW,
+    ).node_id
+    moved = gn("02:00:00:00:00:0a", "a.cy.example", 30, adapter="ad2.cy.example")
+    store.put_general_node(moved)  # the node's own VIPs are not "taken"
+    assert store.get_general_node(a.mac) == moved
+    node = store.get_node(node_id)
+    assert node is not None and (node.vip4, node.vip6) == (moved.vip4, moved.vip6)
+    assert store.vip_holder(a.vip4) is None
+    assert store.general_nodes_generation() == 2
+
+
+def test_deleting_a_general_node_removes_its_enrollment(store: SQLiteStore) -> None:
+    a = gn("02:00:00:00:00:0a", "a.cy.example", 10)
+    store.put_general_node(a)
+    node_id = store.upsert_node(
+        fqdn="a.cy.example",
+        vip4=a.vip4,
+        vip6=a.vip6,
+        cert_der=b"x",
+        cert_serial=1,
+        x25519_public=bytes(32),
+        enrolled_at=NOW,
+    ).node_id
+    other = add_node(store, "n1.cy.example")
+    store.put_common_key(CommonKey(1, node_id, b"a" * 32, NOW + 60))
+    store.put_common_key(CommonKey(2, other, b"b" * 32, NOW + 60))
+    store.save_registration(Registration(node_id, (), 30000, (), NOW, NOW))
+    store.save_registration(Registration(other, (), 30000, (), NOW, NOW))
+    assert store.delete_general_node(a.mac)
+    assert store.get_node(node_id) is None
+    assert store.get_common_key(1) is None and store.get_registration(node_id) is None
+    assert store.get_common_key(2) is not None and store.get_registration(other) is not None
+    assert store.vip_holder(a.vip4) is None and store.vip_holder(a.vip6) is None
+    # the FQDN and the addresses are free again
+    store.put_general_node(gn("02:00:00:00:00:0b", "a.cy.example", 10))

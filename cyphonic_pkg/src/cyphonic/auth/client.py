@@ -1,9 +1,16 @@
-"""Node side of the AS protocol: enrollment and login.
+"""Node side of the AS protocol: enrollment and login, and the adapter's general-node
+requests.
 
-Both open a TLS 1.3 connection to the AS, verify it against the CYPHONIC root CA
-under the name ``as.<domain>`` (whatever address it is reached at), send one request
-and read one answer. Every failure becomes one clear line: :class:`EnrollmentError`
-for :func:`enroll`, :class:`AuthError` for :func:`login`.
+Each function opens a TLS 1.3 connection to the AS, verifies it against the CYPHONIC root
+CA under the name ``as.<domain>`` (whatever address it is reached at), sends one request
+and reads one answer. Every failure becomes one clear line: :class:`EnrollmentError` for
+:func:`enroll` and :func:`gn_enroll`, :class:`AuthError` for :func:`login` and
+:func:`gn_list`.
+
+An adapter authenticates :func:`gn_list` and :func:`gn_enroll` with its own node
+certificate (``adapter_key_dir/node.crt``). It keeps each general node's keys in a
+directory of their own (``gn_key_dir``, laid out like a node's ``key_dir``); a general
+node then logs in with :func:`login` and that directory.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cyphonic.auth.server import (
+    GeneralNodeInfo,
     encode_frame,
     frame_length,
+    gn_list_answer_from_json,
     login_result_from_json,
     parse_json_object,
 )
@@ -33,6 +42,7 @@ from cyphonic.errors import AuthError, CyphonicError, DecodeError, EnrollmentErr
 from cyphonic.pki.ca import (
     load_ca_certificate,
     replace_file,
+    validate_domain,
     validate_fqdn,
     verify_node_certificate,
 )
@@ -40,11 +50,20 @@ from cyphonic.pki.node_keys import (
     CA_CERT_FILE,
     NODE_CERT_FILE,
     NODE_KEY_FILE,
+    NodeKeys,
     generate_node_keys,
     make_csr,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "client_ssl_context", "enroll", "login"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "GeneralNodeInfo",
+    "client_ssl_context",
+    "enroll",
+    "gn_enroll",
+    "gn_list",
+    "login",
+]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -219,6 +238,20 @@ async def enroll(
         raise EnrollmentError(str(exc)) from None
     if resp.get("ok") is not True:
         raise EnrollmentError(f"the AS refused to enroll {fqdn}: {_refusal(resp)}")
+    return _store_certificate(resp, ca_cert, ca_cert_path, keys, fqdn, "this node's")
+
+
+def _store_certificate(
+    resp: dict[str, Any],
+    ca_cert: x509.Certificate,
+    ca_cert_path: Path,
+    keys: NodeKeys,
+    fqdn: str,
+    whose: str,
+) -> Path:
+    """Check the certificate of an accepted enrollment (issued by the trusted CA, for
+    ``fqdn``, for ``keys``), then write it and the CA certificate to ``keys.key_dir``."""
+    key_dir = keys.key_dir
     cert_pem = resp.get("cert")
     if not isinstance(cert_pem, str):
         raise EnrollmentError("the AS answered without a certificate")
@@ -234,7 +267,7 @@ async def enroll(
     if cert.public_key() != keys.signing_key.public_key() or (
         identity.x25519_public != keys.x25519_public
     ):
-        raise EnrollmentError("the AS sent a certificate for other keys than this node's")
+        raise EnrollmentError(f"the AS sent a certificate for other keys than {whose}")
     cert_path = key_dir / NODE_CERT_FILE
     try:
         local_ca = key_dir / CA_CERT_FILE
@@ -311,3 +344,114 @@ async def login(
             f"the AS answered for {result.fqdn} in {result.domain}, not {fqdn} in {domain}"
         )
     return result
+
+
+def _adapter_context(
+    ca_cert_path: Path, adapter_key_dir: Path
+) -> tuple[x509.Certificate, ssl.SSLContext, str]:
+    """The CA certificate, a TLS context presenting the adapter's certificate, and the
+    hint for a connection the AS drops in the handshake. Raises :class:`AuthError`."""
+    cert_path = adapter_key_dir / NODE_CERT_FILE
+    _check_own_certificate(ca_cert_path, cert_path)
+    ca_cert = load_ca_certificate(ca_cert_path)
+    ctx = client_ssl_context(ca_cert_path, cert_path, adapter_key_dir / NODE_KEY_FILE)
+    hint = (
+        " (it drops clients whose certificate it cannot verify: is "
+        f"{cert_path} issued by this cloud's CA and still valid?)"
+    )
+    return ca_cert, ctx, hint
+
+
+async def gn_list(
+    as_host: str,
+    as_port: int,
+    ca_cert_path: Path,
+    key_dir: Path,
+    domain: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[int, list[GeneralNodeInfo]]:
+    """The adapter's general nodes, as AS has them: ``(generation, nodes)``.
+
+    Authenticates with the adapter's ``key_dir/node.crt``. ``generation`` changes whenever
+    the general-node records change: poll and compare it for inequality. Raises
+    :class:`AuthError`.
+    """
+    key_dir = Path(key_dir)
+    ca_cert_path = Path(ca_cert_path)
+    try:
+        domain = validate_domain(domain)
+        _, ctx, hint = _adapter_context(ca_cert_path, key_dir)
+        resp = await _exchange(
+            as_host,
+            as_port,
+            ctx,
+            f"as.{domain}",
+            {"op": "gn_list"},
+            ca_cert_path,
+            timeout,
+            eof_hint=hint,
+        )
+    except AuthError:
+        raise
+    except CyphonicError as exc:
+        raise AuthError(str(exc)) from None
+    if resp.get("ok") is not True:
+        raise AuthError(f"the AS refused the general-node list: {_refusal(resp)}")
+    try:
+        return gn_list_answer_from_json(resp, domain)
+    except DecodeError as exc:
+        raise AuthError(f"the AS sent a malformed general-node list: {exc}") from None
+
+
+async def gn_enroll(
+    as_host: str,
+    as_port: int,
+    ca_cert_path: Path,
+    adapter_key_dir: Path,
+    gn_key_dir: Path,
+    gn_fqdn: str,
+    domain: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Path:
+    """Get the certificate of the general node ``gn_fqdn``; returns ``gn_key_dir/node.crt``.
+
+    The general node's keys are made (or reused) in ``gn_key_dir`` on this adapter; only
+    the CSR is sent, over TLS authenticated with ``adapter_key_dir/node.crt``. The answer
+    is checked like :func:`enroll`'s before ``node.crt`` and ``ca.crt`` are written to
+    ``gn_key_dir``. Raises :class:`EnrollmentError`.
+    """
+    adapter_key_dir = Path(adapter_key_dir)
+    gn_key_dir = Path(gn_key_dir)
+    ca_cert_path = Path(ca_cert_path)
+    try:
+        domain = validate_domain(domain)
+        fqdn = validate_fqdn(gn_fqdn, domain)
+        if gn_key_dir.resolve() == adapter_key_dir.resolve():
+            raise EnrollmentError(
+                f"the general node's key directory {gn_key_dir} is the adapter's own: "
+                "give each general node a directory of its own"
+            )
+        ca_cert, ctx, hint = _adapter_context(ca_cert_path, adapter_key_dir)
+        keys = generate_node_keys(gn_key_dir)
+        request = {"op": "gn_enroll", "fqdn": fqdn, "csr": make_csr(keys, fqdn).decode("ascii")}
+        resp = await _exchange(
+            as_host,
+            as_port,
+            ctx,
+            f"as.{domain}",
+            request,
+            ca_cert_path,
+            timeout,
+            eof_hint=hint,
+        )
+    except EnrollmentError:
+        raise
+    except CyphonicError as exc:  # AuthError of the adapter's certificate included
+        raise EnrollmentError(str(exc)) from None
+    if resp.get("ok") is not True:
+        raise EnrollmentError(f"the AS refused to enroll general node {fqdn}: {_refusal(resp)}")
+    return _store_certificate(
+        resp, ca_cert, ca_cert_path, keys, fqdn, f"general node {fqdn}'s in {gn_key_dir}"
+    )

@@ -2,8 +2,9 @@
 
 Protocol (TCP, default port 4501): TLS 1.3 only. The AS asks for a client certificate
 but does not require one (``CERT_OPTIONAL``, trust root: the CYPHONIC CA): enrollment
-comes without one, login with the node's certificate. One request and one response
-per connection, each a frame::
+comes without one; login, ``gn_list`` and ``gn_enroll`` with the caller's node certificate
+(for the last two: the adapter's). One request and one response per connection, each a
+frame::
 
     frame   = length:u32 (big-endian, 1..65536) || UTF-8 JSON object of that length
 
@@ -13,6 +14,12 @@ per connection, each a frame::
         -> {"ok": true, "node_id": int, "fqdn": str, "vip4": str, "vip6": str,
             "vip4_pool": CIDR, "vip6_pool": CIDR, "key_id": int, "common_key": base64,
             "key_expires_at": float, "nms_endpoints": [str], "domain": str}
+    {"op": "gn_list"}
+        -> {"ok": true, "generation": int,
+            "general_nodes": [{"mac": "aa:bb:cc:dd:ee:ff", "fqdn": str, "vip4": str,
+                               "vip6": str}, ...]}
+    {"op": "gn_enroll", "fqdn": str, "csr": PEM str}
+        -> {"ok": true, "cert": PEM str, "ca": PEM str, "node_id": int, "vip4": str, "vip6": str}
     any failure
         -> {"ok": false, "code": str, "error": "human-readable reason"}
 
@@ -20,6 +27,19 @@ per connection, each a frame::
 ``token_unknown``, ``token_used``, ``token_expired``, ``token_wrong_fqdn``,
 ``enroll_refused`` (CSR, name, address pool), ``login_refused``, ``refused`` (other
 refusals) and ``internal`` (a bug or a broken database on the AS).
+
+General nodes (DESIGN §2 item 7): ``gn_list`` returns the general nodes registered behind
+the calling adapter (the paper's "Information Request"), ordered by FQDN, and
+``generation``, a counter raised by every change of the general-node records (compare it
+for inequality: a different number means "fetch the list again"). ``gn_enroll`` issues the
+certificate of one of the caller's general nodes from a CSR the adapter made with that
+general node's own keys; ownership is the authorisation (no token). The general node then
+logs in with ``login`` and its own certificate. Both need the adapter's client certificate,
+verified as at login: without one, or with one the AS does not accept (unknown node,
+superseded certificate, the certificate of a general node), the answer is ``login_refused``;
+every other refusal of ``gn_enroll`` (unknown general node, one behind another adapter,
+bad CSR) is ``enroll_refused``; a list too long for one frame (about 500 general nodes) is
+``refused``.
 
 Unknown keys are ignored (room for later versions). Bad input of any kind (TLS
 failures, oversized frames, bad JSON, timeouts) is logged with the peer address at
@@ -47,14 +67,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from cyphonic.auth.service import COMMON_KEY_BYTES, AuthService, LoginResult
+from cyphonic.auth.service import COMMON_KEY_BYTES, AuthService, EnrollResult, LoginResult
 from cyphonic.errors import AuthError, CyphonicError, DecodeError, EnrollmentError
 from cyphonic.pki.ca import (
     CertificateAuthority,
+    FQDNError,
     issue_server_certificate,
     replace_file,
     validate_fqdn,
 )
+from cyphonic.store.base import GeneralNodeRecord, is_canonical_mac
 
 __all__ = [
     "AS_CERT_FILE",
@@ -64,6 +86,9 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "AuthServer",
     "EnrollRequest",
+    "GeneralNodeInfo",
+    "GnEnrollRequest",
+    "GnListRequest",
     "LoginRequest",
     "Request",
     "ServerStats",
@@ -73,6 +98,8 @@ __all__ = [
     "ensure_server_certificate",
     "error_response",
     "frame_length",
+    "general_node_to_json",
+    "gn_list_answer_from_json",
     "login_result_from_json",
     "login_result_to_json",
     "parse_json_object",
@@ -95,6 +122,7 @@ _HEADER = struct.Struct(">I")
 _MAX_TOKEN = 256
 _MAX_FQDN = 255
 _MAX_CSR = 16 * 1024
+_I64_MAX = (1 << 63) - 1
 
 
 # =========================================================================== codec
@@ -116,7 +144,30 @@ class LoginRequest:
     fqdn: str
 
 
-Request = EnrollRequest | LoginRequest
+@dataclass(frozen=True)
+class GnListRequest:
+    """``{"op": "gn_list"}``: the adapter (its client certificate) asks for its list."""
+
+
+@dataclass(frozen=True)
+class GnEnrollRequest:
+    """``{"op": "gn_enroll", ...}``: a certificate for the adapter's general node ``fqdn``."""
+
+    fqdn: str
+    csr_pem: bytes
+
+
+@dataclass(frozen=True)
+class GeneralNodeInfo:
+    """One general node as ``gn_list`` describes it to its adapter."""
+
+    mac: str
+    fqdn: str
+    vip4: IPv4Address
+    vip6: IPv6Address
+
+
+Request = EnrollRequest | LoginRequest | GnListRequest | GnEnrollRequest
 
 
 def frame_length(header: bytes) -> int:
@@ -169,16 +220,20 @@ def _str_field(obj: Mapping[str, Any], name: str, max_len: int) -> str:
     return value
 
 
+def _csr_field(obj: Mapping[str, Any]) -> bytes:
+    csr = _str_field(obj, "csr", _MAX_CSR)
+    try:
+        return csr.encode("ascii")
+    except UnicodeEncodeError:
+        raise DecodeError("field 'csr' must be ASCII PEM") from None
+
+
 def parse_request(payload: bytes) -> Request:
     """Decode a request payload; :class:`DecodeError` says what is wrong."""
     obj = parse_json_object(payload)
     op = obj.get("op")
     if op == "enroll":
-        csr = _str_field(obj, "csr", _MAX_CSR)
-        try:
-            csr_pem = csr.encode("ascii")
-        except UnicodeEncodeError:
-            raise DecodeError("field 'csr' must be ASCII PEM") from None
+        csr_pem = _csr_field(obj)
         return EnrollRequest(
             token=_str_field(obj, "token", _MAX_TOKEN),
             fqdn=_str_field(obj, "fqdn", _MAX_FQDN),
@@ -186,6 +241,11 @@ def parse_request(payload: bytes) -> Request:
         )
     if op == "login":
         return LoginRequest(fqdn=_str_field(obj, "fqdn", _MAX_FQDN))
+    if op == "gn_list":
+        return GnListRequest()
+    if op == "gn_enroll":
+        csr_pem = _csr_field(obj)
+        return GnEnrollRequest(fqdn=_str_field(obj, "fqdn", _MAX_FQDN), csr_pem=csr_pem)
     if isinstance(op, str):
         raise DecodeError(f"unknown op {op[:32]!r}")
     raise DecodeError("field 'op' must be a string")
@@ -258,6 +318,55 @@ def login_result_from_json(obj: Mapping[str, Any]) -> LoginResult:
         nms_endpoints=tuple(endpoints),
         domain=_str_field(obj, "domain", _MAX_FQDN),
     )
+
+
+def general_node_to_json(node: GeneralNodeRecord | GeneralNodeInfo) -> dict[str, Any]:
+    """One entry of the ``gn_list`` answer."""
+    return {"mac": node.mac, "fqdn": node.fqdn, "vip4": str(node.vip4), "vip6": str(node.vip6)}
+
+
+def gn_list_answer_from_json(
+    obj: Mapping[str, Any], domain: str | None = None
+) -> tuple[int, list[GeneralNodeInfo]]:
+    """Decode the AS's ``gn_list`` answer into ``(generation, general nodes)``.
+
+    Every entry must carry a canonical MAC, an FQDN (under ``domain`` if given), an IPv4
+    ``vip4`` and an IPv6 ``vip6``; MACs and FQDNs must be unique. :class:`DecodeError` if
+    anything is off.
+    """
+    generation = _int_field(obj, "generation", 0, _I64_MAX)
+    entries = obj.get("general_nodes")
+    if not isinstance(entries, list):
+        raise DecodeError("field 'general_nodes' must be a list")
+    nodes: list[GeneralNodeInfo] = []
+    macs: set[str] = set()
+    fqdns: set[str] = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DecodeError(f"general_nodes[{i}] must be an object")
+        mac = _str_field(entry, "mac", 17)
+        if not is_canonical_mac(mac):
+            raise DecodeError(f"general_nodes[{i}]: bad MAC {mac!r}")
+        fqdn = _str_field(entry, "fqdn", _MAX_FQDN)
+        if domain is not None:
+            try:
+                if validate_fqdn(fqdn, domain) != fqdn:
+                    raise DecodeError(f"general_nodes[{i}]: FQDN {fqdn!r} is not canonical")
+            except FQDNError as exc:
+                raise DecodeError(f"general_nodes[{i}]: {exc}") from None
+        try:
+            vip4 = ip_address(_str_field(entry, "vip4", 64))
+            vip6 = ip_address(_str_field(entry, "vip6", 64))
+        except ValueError as exc:
+            raise DecodeError(f"general_nodes[{i}]: bad address: {exc}") from None
+        if not isinstance(vip4, IPv4Address) or not isinstance(vip6, IPv6Address):
+            raise DecodeError(f"general_nodes[{i}]: vip4 must be IPv4 and vip6 IPv6")
+        if mac in macs or fqdn in fqdns:
+            raise DecodeError(f"general_nodes[{i}]: {mac} / {fqdn} is listed twice")
+        macs.add(mac)
+        fqdns.add(fqdn)
+        nodes.append(GeneralNodeInfo(mac=mac, fqdn=fqdn, vip4=vip4, vip6=vip6))
+    return generation, nodes
 
 
 # =========================================================================== certificate
@@ -385,6 +494,8 @@ class ServerStats:
     timeouts: int = 0
     enrolled: int = 0
     logged_in: int = 0
+    gn_listed: int = 0
+    gn_enrolled: int = 0
     refused: int = 0
     internal_errors: int = 0
 
@@ -424,6 +535,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _enroll_answer(enrolled: EnrollResult) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "cert": enrolled.cert_pem.decode("ascii"),
+        "ca": enrolled.ca_pem.decode("ascii"),
+        "node_id": enrolled.node.node_id,
+        "vip4": str(enrolled.node.vip4),
+        "vip6": str(enrolled.node.vip6),
+    }
+
+
 class AuthServer:
     """Connection handling for the AS: TLS, one framed request, one framed answer."""
 
@@ -453,17 +575,30 @@ class AuthServer:
             if isinstance(request, EnrollRequest):
                 enrolled = self.service.enroll(request.token, request.fqdn, request.csr_pem, now)
                 self.stats.enrolled += 1
-                return {
+                return _enroll_answer(enrolled)
+            if isinstance(request, LoginRequest):
+                result = self.service.login(peer_cert_der, request.fqdn, now)
+                self.stats.logged_in += 1
+                return {"ok": True, **login_result_to_json(result)}
+            if isinstance(request, GnListRequest):
+                generation, nodes = self.service.gn_list(peer_cert_der, now)
+                answer = {
                     "ok": True,
-                    "cert": enrolled.cert_pem.decode("ascii"),
-                    "ca": enrolled.ca_pem.decode("ascii"),
-                    "node_id": enrolled.node.node_id,
-                    "vip4": str(enrolled.node.vip4),
-                    "vip6": str(enrolled.node.vip6),
+                    "generation": generation,
+                    "general_nodes": [general_node_to_json(n) for n in nodes],
                 }
-            result = self.service.login(peer_cert_der, request.fqdn, now)
-            self.stats.logged_in += 1
-            return {"ok": True, **login_result_to_json(result)}
+                try:
+                    encode_frame(answer)
+                except ValueError:
+                    raise CyphonicError(
+                        f"the list of {len(nodes)} general nodes does not fit in one answer "
+                        f"({MAX_FRAME} bytes)"
+                    ) from None
+                self.stats.gn_listed += 1
+                return answer
+            enrolled = self.service.gn_enroll(peer_cert_der, request.fqdn, request.csr_pem, now)
+            self.stats.gn_enrolled += 1
+            return _enroll_answer(enrolled)
         except EnrollmentError as exc:
             code = getattr(exc, "code", None)
             return self._refuse(request, code if isinstance(code, str) else "enroll_refused", exc)
@@ -474,7 +609,15 @@ class AuthServer:
 
     def _refuse(self, request: Request, code: str, exc: Exception) -> dict[str, Any]:
         self.stats.refused += 1
-        op = "enroll" if isinstance(request, EnrollRequest) else "login"
+        if isinstance(request, GnListRequest):
+            logger.info("refused gn_list: %s", exc)
+            return error_response(code, str(exc))
+        if isinstance(request, EnrollRequest):
+            op = "enroll"
+        elif isinstance(request, LoginRequest):
+            op = "login"
+        else:
+            op = "gn_enroll"
         logger.info("refused %s of %r: %s", op, request.fqdn[:64], exc)
         return error_response(code, str(exc))
 

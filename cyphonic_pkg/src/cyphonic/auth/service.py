@@ -1,12 +1,21 @@
 """The Authentication Server's logic, without sockets.
 
-Two operations (DESIGN §2 flow 1):
+Operations (DESIGN §2 flows 1 and 7):
 
 - :meth:`AuthService.enroll`: a one-time token + a CSR made on the node → the node's
   certificate (the private keys never leave the node). The node gets a random
   ``node_id`` and its VIPs on first enrollment and keeps both when it re-enrolls.
 - :meth:`AuthService.login`: the node's certificate (from mutual TLS) → a fresh
   node-NMS *common key*, stored for NMS, plus what the node needs to talk to NMS.
+- :meth:`AuthService.gn_list`: an adapter, authenticated by its certificate as at login,
+  gets the general nodes registered behind it (the paper's "Information Request") and the
+  generation counter of the general-node records.
+- :meth:`AuthService.gn_enroll`: an adapter, authenticated the same way, gets a
+  certificate for one of *its* general nodes (from a CSR made with the general node's own
+  keys, which the adapter holds). Ownership is the authorisation: no token. The general
+  node then logs in with the ordinary :meth:`AuthService.login`.
+
+A node cannot enroll under the FQDN of a general node (only its adapter can).
 
 The TLS server (:mod:`cyphonic.auth.server`) only frames requests and calls these.
 """
@@ -35,9 +44,11 @@ from cyphonic.store.base import (
     U32_MAX,
     CommonKey,
     DuplicateKeyError,
+    GeneralNodeRecord,
     NodeRecord,
     PoolExhaustedError,
     Store,
+    StoreError,
 )
 
 __all__ = ["COMMON_KEY_BYTES", "AuthService", "EnrollResult", "LoginResult"]
@@ -122,6 +133,12 @@ class AuthService:
             raise EnrollmentError(str(exc)) from None
         if fqdn == self.as_hostname:
             raise EnrollmentError(f"{fqdn} is reserved for the AS")
+        general_node = self.store.get_general_node_by_fqdn(fqdn)
+        if general_node is not None:
+            raise EnrollmentError(
+                f"{fqdn} is a general node behind the adapter {general_node.adapter_fqdn}; "
+                "only its adapter can enroll it"
+            )
         check_token(self.store, token, fqdn, now)
         cert = issue_node_certificate(self.ca, csr_pem, fqdn, self.cert_lifetime_days, now)
         x25519 = decode_x25519_extension(cert.extensions)
@@ -203,4 +220,99 @@ class AuthService:
             key_expires_at=expires_at,
             nms_endpoints=self.nms_endpoints,
             domain=self.domain,
+        )
+
+    # ------------------------------------------------------------------ general nodes
+
+    def _authenticate(self, cert_der: bytes | None, now: float, op: str) -> NodeRecord:
+        """The enrolled node presenting ``cert_der``, verified exactly as at login (CA,
+        validity, the current certificate of an enrolled node); :class:`AuthError`."""
+        if cert_der is None:
+            raise AuthError(f"{op} needs the adapter's client certificate (node.crt)")
+        identity = verify_node_certificate(self.ca.cert, cert_der, now, None)
+        node = self.store.get_node_by_fqdn(identity.fqdn)
+        if node is None:
+            raise AuthError(f"{identity.fqdn} is not enrolled with this AS")
+        if node.cert_serial != identity.serial:
+            raise AuthError(
+                f"this certificate of {identity.fqdn} (serial {identity.serial:x}) was "
+                "superseded by a later enrollment; use the newest node.crt"
+            )
+        if self.store.get_general_node_by_fqdn(node.fqdn) is not None:
+            raise AuthError(f"{node.fqdn} is a general node, not an adapter")
+        return node
+
+    def gn_list(
+        self, adapter_cert_der: bytes | None, now: float
+    ) -> tuple[int, list[GeneralNodeRecord]]:
+        """The generation counter and the general nodes behind the calling adapter.
+
+        The generation is read before the list: if the list changes in between, the
+        adapter gets the newer list with the older number and fetches again next time,
+        never an old list with a new number. Raises :class:`AuthError`.
+        """
+        adapter = self._authenticate(adapter_cert_der, now, "gn_list")
+        generation = self.store.general_nodes_generation()
+        nodes = self.store.list_general_nodes(adapter.fqdn)
+        logger.debug("gn_list of %s: %d general nodes", adapter.fqdn, len(nodes))
+        return generation, nodes
+
+    def gn_enroll(
+        self, adapter_cert_der: bytes | None, gn_fqdn: str, csr_pem: bytes, now: float
+    ) -> EnrollResult:
+        """Issue the certificate of the general node ``gn_fqdn`` for its adapter.
+
+        The caller must be the adapter the general node is registered behind. The
+        certificate has the node profile (X25519 extension included); the general node
+        gets (or keeps) a node record with its registered VIPs, so it can log in and NMS
+        routes to it like to any node; a new certificate supersedes the previous one.
+        Raises :class:`AuthError` if the adapter is not authenticated and
+        :class:`EnrollmentError` for every other refusal.
+        """
+        adapter = self._authenticate(adapter_cert_der, now, "gn_enroll")
+        try:
+            fqdn = validate_fqdn(gn_fqdn, self.domain)
+        except FQDNError as exc:
+            raise EnrollmentError(str(exc)) from None
+        record = self.store.get_general_node_by_fqdn(fqdn)
+        if record is None:
+            raise EnrollmentError(
+                f"{fqdn} is not a general node registered with this AS "
+                "(add it with 'cyphonic general-node add')"
+            )
+        if record.adapter_fqdn != adapter.fqdn:
+            raise EnrollmentError(
+                f"general node {fqdn} is behind the adapter {record.adapter_fqdn}, "
+                f"not {adapter.fqdn}"
+            )
+        cert = issue_node_certificate(self.ca, csr_pem, fqdn, self.cert_lifetime_days, now)
+        x25519 = decode_x25519_extension(cert.extensions)
+        assert x25519 is not None  # issue_node_certificate guarantees it
+        try:
+            node = self.store.upsert_node(
+                fqdn=fqdn,
+                vip4=record.vip4,
+                vip6=record.vip6,
+                cert_der=cert.public_bytes(serialization.Encoding.DER),
+                cert_serial=cert.serial_number,
+                x25519_public=x25519,
+                enrolled_at=now,
+            )
+        except StoreError as exc:
+            raise EnrollmentError(f"the AS cannot store general node {fqdn}: {exc}") from None
+        logger.info(
+            "enrolled general node %s (%s) for adapter %s: node_id %d, %s, %s, "
+            "certificate serial %x",
+            fqdn,
+            record.mac,
+            adapter.fqdn,
+            node.node_id,
+            record.vip4,
+            record.vip6,
+            cert.serial_number,
+        )
+        return EnrollResult(
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            ca_pem=self._ca_pem,
+            node=node,
         )

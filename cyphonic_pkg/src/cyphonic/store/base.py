@@ -6,10 +6,15 @@ a PostgreSQL implementation can be added behind the same protocol when several c
 instances share state. No SQL leaves the implementation.
 
 Times are seconds since the epoch (floats), as passed in by the caller.
+
+General nodes (DESIGN §2 item 7) are devices behind a CYPHONIC adapter: the store keeps
+one :class:`GeneralNodeRecord` per MAC, and a *generation* counter that every change of
+the general-node records raises, so adapters can tell that their list changed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -21,15 +26,26 @@ __all__ = [
     "U32_MAX",
     "CommonKey",
     "DuplicateKeyError",
+    "GeneralNodeConflictError",
+    "GeneralNodeRecord",
     "NodeRecord",
     "PoolExhaustedError",
     "Registration",
     "Store",
     "StoreError",
     "TokenRecord",
+    "is_canonical_mac",
 ]
 
 U32_MAX = 0xFFFFFFFF
+
+_CANONICAL_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def is_canonical_mac(mac: str) -> bool:
+    """Whether ``mac`` is written the way the store keeps MACs: ``aa:bb:cc:dd:ee:ff``
+    (lower-case hex, colons). Says nothing about unicast; see :mod:`cyphonic.admin`."""
+    return isinstance(mac, str) and _CANONICAL_MAC_RE.fullmatch(mac) is not None
 
 
 class StoreError(CyphonicError):
@@ -42,6 +58,11 @@ class PoolExhaustedError(StoreError):
 
 class DuplicateKeyError(StoreError):
     """A common key with this ``key_id`` already exists."""
+
+
+class GeneralNodeConflictError(StoreError):
+    """A general-node record clashes with another general node, a node or a VIP; the
+    message names the conflict."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,23 @@ class Registration:
     registered_at: float
     last_seen: float
     key_id: int = 0
+
+
+@dataclass(frozen=True)
+class GeneralNodeRecord:
+    """A general node: an unmodified device behind the adapter ``adapter_fqdn``.
+
+    ``mac`` is its identity on the adapter's link, canonical ``aa:bb:cc:dd:ee:ff``;
+    ``fqdn``, ``vip4`` and ``vip6`` its CYPHONIC identity. Once its adapter has enrolled
+    it, a :class:`NodeRecord` with the same FQDN and VIPs exists too.
+    """
+
+    mac: str
+    fqdn: str
+    vip4: IPv4Address
+    vip6: IPv6Address
+    adapter_fqdn: str
+    created_at: float
 
 
 class Store(Protocol):
@@ -185,6 +223,50 @@ class Store(Protocol):
 
     def delete_registration(self, node_id: int) -> bool:
         """Delete the registration of ``node_id``; ``True`` if there was one."""
+
+    # -- general nodes ------------------------------------------------------------
+    def vip_holder(self, vip: IPv4Address | IPv6Address) -> str | None:
+        """The FQDN holding ``vip``: a node, a general node or an allocation made by
+        :meth:`allocate_vips`; ``None`` if the address is free."""
+        ...
+
+    def put_general_node(self, record: GeneralNodeRecord) -> None:
+        """Create ``record``, or update the general node with the same MAC (which must
+        have the same FQDN), in one transaction that also reserves its VIPs for its FQDN
+        (see :meth:`allocate_vips`) and, if it was enrolled, moves its node's VIPs.
+
+        Raises :class:`GeneralNodeConflictError` if the MAC is another FQDN's, the FQDN
+        another MAC's or an enrolled node's or an adapter's, the adapter is a general
+        node, or a VIP is held by anyone else. Storing an identical record (``created_at``
+        aside) changes nothing; any other change raises the generation.
+        """
+
+    def get_general_node(self, mac: str) -> GeneralNodeRecord | None:
+        """The general node with this MAC (any case), or ``None``."""
+        ...
+
+    def get_general_node_by_fqdn(self, fqdn: str) -> GeneralNodeRecord | None:
+        """The general node with this FQDN, or ``None``."""
+        ...
+
+    def list_general_nodes(self, adapter_fqdn: str | None = None) -> list[GeneralNodeRecord]:
+        """All general nodes, or those behind ``adapter_fqdn``, ordered by FQDN."""
+        ...
+
+    def delete_general_node(self, mac: str) -> bool:
+        """Delete the general node with this MAC and everything it held (its node record,
+        registration, common keys and VIP reservation), raising the generation.
+        ``True`` if there was one."""
+        ...
+
+    def general_nodes_generation(self) -> int:
+        """A counter raised by every change of the general-node records (starts at 0)."""
+        ...
+
+    def bump_general_nodes_generation(self) -> int:
+        """Raise the generation without a change (adapters then fetch their list again);
+        returns the new value."""
+        ...
 
     # -- lifecycle ---------------------------------------------------------------
     def close(self) -> None:

@@ -2,7 +2,10 @@
 
 One connection per store object, WAL journal (readers do not block the writer, so AS
 and NMS may run as separate processes on one database file), every write in one
-``BEGIN IMMEDIATE`` transaction, a ``schema_version`` table for migrations.
+``BEGIN IMMEDIATE`` transaction, a ``schema_version`` table for migrations (schema 1:
+tokens, VIP allocations, nodes, common keys, registrations; schema 2: general nodes and
+the ``meta`` table holding their generation counter). An older database file is
+migrated in place when it is opened, keeping its data.
 ``SQLiteStore(":memory:")`` is the in-memory fake used by logic tests.
 
 The database holds common keys: the file is created mode 0600 (SQLite gives its
@@ -33,11 +36,14 @@ from cyphonic.store.base import (
     U32_MAX,
     CommonKey,
     DuplicateKeyError,
+    GeneralNodeConflictError,
+    GeneralNodeRecord,
     NodeRecord,
     PoolExhaustedError,
     Registration,
     StoreError,
     TokenRecord,
+    is_canonical_mac,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -90,10 +96,29 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             key_id INTEGER NOT NULL DEFAULT 0
         )""",
     ),
+    # 1 -> 2: general nodes behind adapters, and their generation counter
+    (
+        """CREATE TABLE general_nodes (
+            mac TEXT PRIMARY KEY CHECK (length(mac) = 17 AND mac = lower(mac)),
+            fqdn TEXT NOT NULL UNIQUE,
+            vip4 TEXT NOT NULL UNIQUE,
+            vip6 TEXT NOT NULL UNIQUE,
+            adapter_fqdn TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX general_nodes_adapter_fqdn ON general_nodes (adapter_fqdn)",
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        )""",
+        "INSERT INTO meta (key, value) VALUES ('general_nodes_generation', 0)",
+    ),
 )
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+_GENERATION_KEY = "general_nodes_generation"
 
 
 def _check_u32(value: int, what: str) -> None:
@@ -282,8 +307,10 @@ class SQLiteStore:
             for a4, a6 in db.execute("SELECT vip4, vip6 FROM vip_allocations"):
                 taken4.add(int(IPv4Address(a4)))
                 taken6.add(int(IPv6Address(a6)))
-            # addresses held by nodes from older pools are taken too
-            for a4, a6 in db.execute("SELECT vip4, vip6 FROM nodes"):
+            # addresses held by nodes from older pools (and by general nodes) are taken too
+            for a4, a6 in db.execute(
+                "SELECT vip4, vip6 FROM nodes UNION ALL SELECT vip4, vip6 FROM general_nodes"
+            ):
                 taken4.add(int(IPv4Address(a4)))
                 taken6.add(int(IPv6Address(a6)))
             if vip4 is None:
@@ -403,6 +430,180 @@ class SQLiteStore:
         """All nodes, ordered by FQDN."""
         rows = self._query(f"SELECT {self._NODE_COLUMNS} FROM nodes ORDER BY fqdn")  # noqa: S608
         return [self._node(r) for r in rows]
+
+    # ------------------------------------------------------------------ general nodes
+
+    _GN_COLUMNS = "mac, fqdn, vip4, vip6, adapter_fqdn, created_at"
+
+    @staticmethod
+    def _general_node(row: tuple[Any, ...]) -> GeneralNodeRecord:
+        mac, fqdn, vip4, vip6, adapter_fqdn, created_at = row
+        return GeneralNodeRecord(
+            mac=mac,
+            fqdn=fqdn,
+            vip4=IPv4Address(vip4),
+            vip6=IPv6Address(vip6),
+            adapter_fqdn=adapter_fqdn,
+            created_at=float(created_at),
+        )
+
+    @staticmethod
+    def _holders(db: sqlite3.Connection, vip: str) -> list[str]:
+        """Every FQDN holding ``vip`` (canonical text): nodes and general nodes first,
+        then allocations."""
+        rows = db.execute(
+            "SELECT fqdn FROM nodes WHERE vip4 = ?1 OR vip6 = ?1"
+            " UNION ALL SELECT fqdn FROM general_nodes WHERE vip4 = ?1 OR vip6 = ?1"
+            " UNION ALL SELECT fqdn FROM vip_allocations WHERE vip4 = ?1 OR vip6 = ?1",
+            (vip,),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> int:
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (_GENERATION_KEY,))
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_GENERATION_KEY,)).fetchone()
+        return int(row[0])
+
+    def vip_holder(self, vip: IPv4Address | IPv6Address) -> str | None:
+        """The FQDN of the node, general node or allocation holding ``vip``, or ``None``."""
+        try:
+            holders = self._holders(self._conn, str(vip))
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {self.path}: {exc}") from None
+        return holders[0] if holders else None
+
+    def put_general_node(self, record: GeneralNodeRecord) -> None:
+        """Create or update a general node (see :meth:`Store.put_general_node`)."""
+        r = record
+        if not is_canonical_mac(r.mac):
+            raise StoreError(f"general node MAC {r.mac!r} is not of the form aa:bb:cc:dd:ee:ff")
+        if not r.fqdn or not r.adapter_fqdn:
+            raise StoreError("a general node needs an FQDN and an adapter FQDN")
+        if not isinstance(r.vip4, IPv4Address) or not isinstance(r.vip6, IPv6Address):
+            raise StoreError("a general node needs an IPv4Address and an IPv6Address")
+        if r.fqdn == r.adapter_fqdn:
+            raise GeneralNodeConflictError(f"general node {r.fqdn} cannot be its own adapter")
+        vip4, vip6 = str(r.vip4), str(r.vip6)
+
+        def conflict(message: str) -> GeneralNodeConflictError:
+            return GeneralNodeConflictError(f"cannot store general node {r.fqdn}: {message}")
+
+        try:
+            with self._write() as db:
+                old = db.execute(
+                    "SELECT fqdn, vip4, vip6, adapter_fqdn FROM general_nodes WHERE mac = ?",
+                    (r.mac,),
+                ).fetchone()
+                if old is not None:
+                    if old[0] != r.fqdn:
+                        raise conflict(f"MAC {r.mac} is already general node {old[0]}")
+                    if tuple(old[1:]) == (vip4, vip6, r.adapter_fqdn):
+                        return  # identical: nothing changes
+                else:
+                    row = db.execute(
+                        "SELECT mac FROM general_nodes WHERE fqdn = ?", (r.fqdn,)
+                    ).fetchone()
+                    if row is not None:
+                        raise conflict(f"it is already the general node with MAC {row[0]}")
+                    if db.execute("SELECT 1 FROM nodes WHERE fqdn = ?", (r.fqdn,)).fetchone():
+                        raise conflict("it is the FQDN of an enrolled node")
+                row = db.execute(
+                    "SELECT 1 FROM general_nodes WHERE adapter_fqdn = ? LIMIT 1", (r.fqdn,)
+                ).fetchone()
+                if row is not None:
+                    raise conflict("it is the adapter of other general nodes")
+                row = db.execute(
+                    "SELECT mac FROM general_nodes WHERE fqdn = ?", (r.adapter_fqdn,)
+                ).fetchone()
+                if row is not None:
+                    raise conflict(f"its adapter {r.adapter_fqdn} is itself a general node")
+                for family, vip in ((4, vip4), (6, vip6)):
+                    others = sorted({h for h in self._holders(db, vip) if h != r.fqdn})
+                    if others:
+                        raise conflict(f"VIPv{family} {vip} is taken by {', '.join(others)}")
+                db.execute(
+                    f"INSERT INTO general_nodes ({self._GN_COLUMNS})"  # noqa: S608 - constant
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (mac) DO UPDATE SET"
+                    " vip4 = excluded.vip4, vip6 = excluded.vip6,"
+                    " adapter_fqdn = excluded.adapter_fqdn",
+                    (r.mac, r.fqdn, vip4, vip6, r.adapter_fqdn, r.created_at),
+                )
+                db.execute(
+                    "INSERT INTO vip_allocations (fqdn, vip4, vip6) VALUES (?, ?, ?)"
+                    " ON CONFLICT (fqdn) DO UPDATE SET vip4 = excluded.vip4,"
+                    " vip6 = excluded.vip6",
+                    (r.fqdn, vip4, vip6),
+                )
+                # an enrolled general node keeps its node record in step
+                db.execute(
+                    "UPDATE nodes SET vip4 = ?, vip6 = ? WHERE fqdn = ?", (vip4, vip6, r.fqdn)
+                )
+                self._bump(db)
+        except sqlite3.IntegrityError as exc:
+            raise conflict(str(exc)) from None
+
+    def get_general_node(self, mac: str) -> GeneralNodeRecord | None:
+        """The general node with this MAC (any case), or ``None``."""
+        rows = self._query(
+            f"SELECT {self._GN_COLUMNS} FROM general_nodes WHERE mac = ?",  # noqa: S608
+            (mac.lower(),),
+        )
+        return self._general_node(rows[0]) if rows else None
+
+    def get_general_node_by_fqdn(self, fqdn: str) -> GeneralNodeRecord | None:
+        """The general node with this FQDN, or ``None``."""
+        rows = self._query(
+            f"SELECT {self._GN_COLUMNS} FROM general_nodes WHERE fqdn = ?",  # noqa: S608
+            (fqdn,),
+        )
+        return self._general_node(rows[0]) if rows else None
+
+    def list_general_nodes(self, adapter_fqdn: str | None = None) -> list[GeneralNodeRecord]:
+        """All general nodes, or those behind ``adapter_fqdn``, ordered by FQDN."""
+        if adapter_fqdn is None:
+            rows = self._query(
+                f"SELECT {self._GN_COLUMNS} FROM general_nodes ORDER BY fqdn"  # noqa: S608
+            )
+        else:
+            rows = self._query(
+                f"SELECT {self._GN_COLUMNS} FROM general_nodes"  # noqa: S608
+                " WHERE adapter_fqdn = ? ORDER BY fqdn",
+                (adapter_fqdn,),
+            )
+        return [self._general_node(r) for r in rows]
+
+    def delete_general_node(self, mac: str) -> bool:
+        """Delete a general node with its node record, registration, common keys and
+        VIP reservation; ``True`` if there was one."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT fqdn FROM general_nodes WHERE mac = ?", (mac.lower(),)
+            ).fetchone()
+            if row is None:
+                return False
+            fqdn = row[0]
+            db.execute("DELETE FROM general_nodes WHERE mac = ?", (mac.lower(),))
+            node = db.execute("SELECT node_id FROM nodes WHERE fqdn = ?", (fqdn,)).fetchone()
+            if node is not None:
+                for table in ("registrations", "common_keys", "nodes"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE node_id = ?",  # noqa: S608 - constant
+                        (node[0],),
+                    )
+            db.execute("DELETE FROM vip_allocations WHERE fqdn = ?", (fqdn,))
+            self._bump(db)
+            return True
+
+    def general_nodes_generation(self) -> int:
+        """The generation counter of the general-node records."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (_GENERATION_KEY,))
+        return int(rows[0][0]) if rows else 0
+
+    def bump_general_nodes_generation(self) -> int:
+        """Raise the generation counter; returns the new value."""
+        with self._write() as db:
+            return self._bump(db)
 
     # ------------------------------------------------------------------ common keys
 
