@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cyphonic import __version__
-from cyphonic.config import CloudConfig, NodeConfig, load_cloud_config, load_node_config
+from cyphonic.config import load_cloud_config, load_node_config
 from cyphonic.errors import ConfigError, CyphonicError
 from cyphonic.status import query_status
 
@@ -187,8 +187,9 @@ def cmd_trs_key(args: argparse.Namespace) -> int:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from cyphonic.auth.client import enroll
+    from cyphonic.config import load_identity_config
 
-    cfg = load_node_config(Path(args.config))
+    cfg = load_identity_config(Path(args.config))
     token = args.token
     if token == "-":  # noqa: S105 - "read from stdin", not a password
         token = sys.stdin.readline().strip()
@@ -222,11 +223,43 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from cyphonic.adapter.daemon import AdapterDaemon
+    from cyphonic.config import load_adapter_config
+    from cyphonic.status import StatusServer
+
+    cfg = load_adapter_config(Path(args.config))
+    setup_logging(args.log_level or cfg.node.log_level)
+    daemon = AdapterDaemon(cfg)
+    status = StatusServer(cfg.node.status_socket, daemon.status)
+
+    async def start() -> None:
+        await status.start()
+        await daemon.start()
+
+    async def stop() -> None:
+        await status.stop()
+        await daemon.stop()
+
+    asyncio.run(_run_until_signal(start, stop))
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = Path(args.config)
-    cfg: CloudConfig | NodeConfig
-    cfg = load_cloud_config(path) if args.kind == "cloud" else load_node_config(path)
-    print(f"{path}: ok ({args.kind}{', ' + cfg.fqdn if isinstance(cfg, NodeConfig) else ''})")
+    if args.kind == "cloud":
+        load_cloud_config(path)
+    elif args.kind == "adapter":
+        from cyphonic.config import load_adapter_config
+
+        load_adapter_config(path)
+    elif args.kind == "trs":
+        from cyphonic.trs.config import load_trs_config
+
+        load_trs_config(path)
+    else:
+        load_node_config(path)
+    print(f"{path}: ok ({args.kind})")
     return 0
 
 
@@ -266,6 +299,25 @@ def format_status(data: dict[str, Any]) -> str:
         )
         for k, v in sorted(data.get("counters", {}).items()):
             lines.append(f"  {k}: {v}")
+        return "\n".join(lines)
+    if data.get("role") == "adapter":
+        lines.append(
+            f"adapter {data.get('fqdn')}  downlink {data.get('downlink')}  "
+            f"general nodes {len(data.get('general_nodes', []))}"
+        )
+        for g in data.get("general_nodes", []):
+            reg = "registered" if g.get("registered") else "NOT registered"
+            lease = "lease4" if g.get("lease4") else "no lease4"
+            lease6 = "lease6" if g.get("lease6") else "no lease6"
+            lines.append(
+                f"  {g['mac']}  {g['fqdn']}  {g['vip4']}  {g['vip6']}  {reg}  "
+                f"{lease} {lease6}  peers {len(g.get('peers', []))}"
+            )
+        if data.get("filter"):
+            lines.append(
+                "  spoofed frames dropped: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(data["filter"].items()))
+            )
         return "\n".join(lines)
     if data.get("role") == "cloud":
         lines.append(
@@ -362,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     node.set_defaults(func=cmd_node)
 
+    ad = sub.add_parser("adapter", help="run the adapter daemon (general nodes on a downlink)")
+    ad.add_argument("--config", default="/etc/cyphonic/adapter.toml")
+    ad.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    ad.set_defaults(func=cmd_adapter)
+
     st = sub.add_parser("status", help="show a running daemon's state")
     st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
     st.add_argument("--socket", help="status socket path")
@@ -370,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate a configuration file and exit")
     cc.add_argument("--config", required=True)
-    cc.add_argument("--kind", choices=["node", "cloud"], default="node")
+    cc.add_argument("--kind", choices=["node", "cloud", "adapter", "trs"], default="node")
     cc.set_defaults(func=cmd_check_config)
     return p
 

@@ -267,6 +267,14 @@ def _relay_lifetime(value: int) -> int:
     return value
 
 
+def load_identity_config(path: Path) -> NodeConfig:
+    """The node part of a node or an adapter configuration (for enroll/status)."""
+    doc = _Doc(path)
+    if "adapter" in doc.data:
+        return load_adapter_config(path).node
+    return load_node_config(path)
+
+
 def _lease_time(value: int) -> int:
     if not 60 <= value <= 7 * 86400:
         raise ValueError("must be between 60 s and 7 days")

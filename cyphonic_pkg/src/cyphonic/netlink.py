@@ -5,6 +5,7 @@ Kept behind ``Netlink`` so logic can be tested with ``FakeNetlink``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from typing import Protocol
@@ -31,8 +32,15 @@ class Netlink(Protocol):
     def real_addresses(self, exclude: set[str]) -> list[str]: ...
 
     def configure_gn_tun(
-        self, ifname: str, mtu: int, downlink: str, vip4: str, pool4: ipaddress.IPv4Network,
-        vip6: str, pool6: ipaddress.IPv6Network, table: int,
+        self,
+        ifname: str,
+        mtu: int,
+        downlink: str,
+        vip4: str,
+        pool4: ipaddress.IPv4Network,
+        vip6: str,
+        pool6: ipaddress.IPv6Network,
+        table: int,
     ) -> None: ...
 
 
@@ -67,8 +75,15 @@ class LinuxNetlink:
             raise CyphonicError(f"cannot configure {ifname}: {exc}") from exc
 
     def configure_gn_tun(
-        self, ifname: str, mtu: int, downlink: str, vip4: str, pool4: ipaddress.IPv4Network,
-        vip6: str, pool6: ipaddress.IPv6Network, table: int,
+        self,
+        ifname: str,
+        mtu: int,
+        downlink: str,
+        vip4: str,
+        pool4: ipaddress.IPv4Network,
+        vip6: str,
+        pool6: ipaddress.IPv6Network,
+        table: int,
     ) -> None:
         """A general node's TUN on the adapter: no address of its own; packets *from* the
         general node's VIPs arriving on the downlink are policy-routed into it
@@ -81,11 +96,31 @@ class LinuxNetlink:
                 ipr.link("set", index=idx, mtu=mtu, state="up")
                 for family, vip, pool in ((2, vip4, pool4), (10, vip6, pool6)):
                     for rule in ipr.get_rules(family=family, priority=table):
-                        ipr.rule("del", family=family, priority=table,
-                                 table=rule.get_attr("FRA_TABLE") or table)
-                    ipr.rule("add", family=family, priority=table, table=table, src=vip,
-                             src_len=32 if family == 2 else 128, iifname=downlink)
+                        ipr.rule(
+                            "del",
+                            family=family,
+                            priority=table,
+                            table=rule.get_attr("FRA_TABLE") or table,
+                        )
+                    ipr.rule(
+                        "add",
+                        family=family,
+                        priority=table,
+                        table=table,
+                        src=vip,
+                        src_len=32 if family == 2 else 128,
+                        iifname=downlink,
+                    )
                     ipr.route("replace", dst=str(pool), oif=idx, table=table, family=family)
+                    # anything else from the GN stops here (no VIP-sourced packets leak
+                    # to the uplink): ICMP unreachable back to the GN
+                    ipr.route(
+                        "replace",
+                        dst="0.0.0.0/0" if family == 2 else "::/0",
+                        type="unreachable",
+                        table=table,
+                        family=family,
+                    )
         except (NetlinkError, IndexError, OSError) as exc:
             raise CyphonicError(f"cannot configure {ifname} for a general node: {exc}") from exc
 
@@ -93,10 +128,8 @@ class LinuxNetlink:
         with IPRoute() as ipr:
             for family in (2, 10):
                 for _rule in ipr.get_rules(family=family, priority=table):
-                    try:
+                    with contextlib.suppress(NetlinkError):
                         ipr.rule("del", family=family, priority=table, table=table)
-                    except NetlinkError:
-                        pass
 
     def real_addresses(self, exclude: set[str]) -> list[str]:
         """Global unicast addresses of the host, except those on ``exclude`` links."""
@@ -136,7 +169,14 @@ class FakeNetlink:
         return list(self.addresses)
 
     def configure_gn_tun(
-        self, ifname: str, mtu: int, downlink: str, vip4: str, pool4: ipaddress.IPv4Network,
-        vip6: str, pool6: ipaddress.IPv6Network, table: int,
+        self,
+        ifname: str,
+        mtu: int,
+        downlink: str,
+        vip4: str,
+        pool4: ipaddress.IPv4Network,
+        vip6: str,
+        pool6: ipaddress.IPv6Network,
+        table: int,
     ) -> None:
         self.tun = {"ifname": ifname, "downlink": downlink, "vip4": vip4, "table": table}

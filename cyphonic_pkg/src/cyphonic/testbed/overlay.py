@@ -58,11 +58,37 @@ class RouterSpec:
 
 
 @dataclass
+class GeneralNodeSpec:
+    """An unmodified host on an adapter's downlink: only a fixed MAC, no addresses."""
+
+    name: str
+    mac: str
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{DOMAIN}"
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    v4: str | None
+    v6: str | None
+    general_nodes: Sequence[GeneralNodeSpec] = ()
+    lan: str | None = None  # behind this RouterSpec's NAPT
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{DOMAIN}"
+
+
+@dataclass
 class OverlayLab:
     prefix: str
     workdir: Path
     nodes: Sequence[NodeSpec] = ()
     routers: Sequence[RouterSpec] = ()
+    adapters: Sequence[AdapterSpec] = ()
     log: Callable[[str], None] = field(default=lambda _m: None)
     replace_stale: bool = False
     trs: bool = False  # run a TRS on the cloud host (and give NMS the TRS key)
@@ -95,6 +121,13 @@ class OverlayLab:
         for n in self.nodes:
             seg = self.topo.segment(f"l{n.lan}") if n.lan else inet
             self.topo.add_host(n.name, seg, v4=n.v4, v6=n.v6)
+        for ad in self.adapters:
+            seg = self.topo.segment(f"l{ad.lan}") if ad.lan else inet
+            self.topo.add_host(ad.name, seg, v4=ad.v4, v6=ad.v6)
+            down = self.topo.add_segment(f"d{ad.name}")
+            self.topo.connect(ad.name, down)
+            for g in ad.general_nodes:
+                self.topo.add_host(g.name, down, mac=g.mac, autoconf=True)
         self.log(f"topology up in {time.monotonic() - t0:.2f} s")
         self._write_cloud_config()
         self.cli("cloud", "ca", "init", "--config", str(self.cloud_config))
@@ -105,8 +138,13 @@ class OverlayLab:
         for n in self.nodes:
             self.enroll(n)
             self.start_node(n)
+        for ad in self.adapters:
+            self.enroll_adapter(ad)
+            self.start_adapter(ad)
         for n in self.nodes:
             self.wait_registered(n.name)
+        for ad in self.adapters:
+            self.wait_registered(ad.name, timeout=60)
         self.log(f"system up in {time.monotonic() - t0:.2f} s")
 
     @property
@@ -253,6 +291,41 @@ upstream = ["{CLOUD_V4 if n.v4 else "[" + CLOUD_V6 + "]"}:53"]
         ).stdout.strip()
         self.cli(n.name, "enroll", "--config", str(self.node_config(n.name)), f"--token={token}")
         self.topo.set_resolver(n.name, "127.0.0.1")
+
+    def downlink(self, ad: AdapterSpec) -> str:
+        return self.topo.host(ad.name).interface(f"d{ad.name}").ifname
+
+    def enroll_adapter(self, ad: AdapterSpec) -> None:
+        for g in ad.general_nodes:
+            self.cli(
+                "cloud",
+                "general-node",
+                "add",
+                "--config",
+                str(self.cloud_config),
+                "--mac",
+                g.mac,
+                "--fqdn",
+                g.fqdn,
+                "--adapter",
+                ad.fqdn,
+            )
+        self.enroll(
+            NodeSpec(
+                ad.name,
+                ad.v4,
+                ad.v6,
+                extra=f'[adapter]\ndownlink = "{self.downlink(ad)}"\n'
+                "ra_interval = 10\nrefresh_interval = 5\n",
+            )
+        )
+
+    def start_adapter(self, ad: AdapterSpec) -> None:
+        self._spawn(
+            ad.name,
+            ad.name,
+            [*cyphonic_cmd(), "adapter", "--config", str(self.node_config(ad.name))],
+        )
 
     def start_node(self, n: NodeSpec) -> None:
         self._spawn(
