@@ -543,6 +543,20 @@ def test_decline_is_logged_loudly(caplog: pytest.LogCaptureFixture) -> None:
     vip_ia(adv)
 
 
+def test_decline_without_a_binding_is_still_on_file(caplog: pytest.LogCaptureFixture) -> None:
+    """§18.3.8: NoBinding inside the IA, but the decline itself is recorded and logged."""
+    leases = MemoryLeases()
+    srv = server(leases)
+    with caplog.at_level(logging.ERROR, logger="cyphonic.adapter.dhcpv6"):
+        m = one(srv, frame(with_server(DHCP6_Decline, ia_na(0x42, GN1_VIP))))
+    assert m is not None and status(m) == (StatusCode.SUCCESS, "decline received")
+    (ia,) = ias(m)
+    assert ia.status is not None and ia.status[0] == StatusCode.NO_BINDING
+    record = leases.records[(LEASE_KIND, GN1_MAC)]
+    assert record["state"] == "declined" and record["iaid"] == 0x42
+    assert srv.stats.declined == 1 and "DECLINED" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------
 # Confirm (§18.3.3), Information-request (§18.3.6)
 
@@ -843,7 +857,7 @@ def test_unicast_solicit_is_dropped() -> None:
         (frame(solicit(), mac="03:c6:00:00:00:11"), "malformed"),  # multicast source MAC
         (frame(msg(DHCP6_Advertise, client_id())), "unsupported"),
         (frame(msg(DHCP6_Reply, client_id())), "unsupported"),
-        (frame(DHCP6_RelayForward(linkaddr="::", peeraddr=GN1_LL)), "malformed"),
+        (frame(DHCP6_RelayForward(linkaddr="::", peeraddr=GN1_LL)), "unsupported"),
         (
             raw(Ether(src=GN1_MAC, dst=ALL_SERVERS_MAC) / Dot1Q(vlan=5) / IPv6() / UDP(dport=547)),
             "ignored",
@@ -911,6 +925,33 @@ GOOD = frame(solicit())
 def test_broken_framing_is_malformed(data: bytes) -> None:
     srv = server()
     assert srv.handle(data, NOW) == []
+    assert srv.stats.malformed == 1
+
+
+def with_partial_checksum(data: bytes) -> bytes:
+    """``data`` as a veth hands it over with UDP checksum offload pending: the field holds the
+    folded pseudo-header sum (RFC 8200 §8.1) instead of the checksum."""
+    plen = int.from_bytes(data[18:20], "big")
+    pseudo = data[22:38] + data[38:54] + plen.to_bytes(4, "big") + b"\x00\x00\x00\x11"
+    total = sum(int.from_bytes(pseudo[i : i + 2], "big") for i in range(0, len(pseudo), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return data[:60] + total.to_bytes(2, "big") + data[62:]
+
+
+def test_checksum_left_to_offload_is_accepted() -> None:
+    """The vector seen on the e2e veth: a 118-byte Solicit from fe80::c7:ff:fe00:11 to ff02::1:2
+    arrived with checksum field 0xfdaf, the pseudo-header sum.  It is answered and counted."""
+    oro4 = DHCP6OptOptReq(reqopts=[23, 24, 39, 82])
+    data = frame(msg(DHCP6_Solicit, client_id(), ia_na(0x11), DHCP6OptElapsedTime(), oro4),
+                 src="fe80::c7:ff:fe00:11")  # fmt: skip
+    partial = with_partial_checksum(data)
+    assert len(partial) == 118 and partial[60:62] == b"\xfd\xaf"
+    srv = server()
+    m = one(srv, partial)
+    assert m is not None and srv.stats.checksum_partial == 1 and srv.stats.malformed == 0
+    # any other wrong value is still a bad checksum
+    assert srv.handle(partial[:60] + b"\xfd\xb0" + partial[62:], NOW) == []
     assert srv.stats.malformed == 1
 
 
@@ -1007,7 +1048,6 @@ CID = pack_option(1, CLIENT_DUID)
         base(CID, pack_option(25, bytes(12) + pack_option(26, bytes(24)))),  # IAPREFIX < 25
         base(CID, pack_option(13, b"\x00")),  # Status Code < 2 bytes (§21.13)
         base(CID, pack_option(13, b"\x00\x00\xff")),  # Status message not UTF-8
-        base(msg_type=12),  # Relay-forward
     ],
 )
 def test_malformed_messages_raise_decode_error(data: bytes) -> None:
@@ -1016,6 +1056,13 @@ def test_malformed_messages_raise_decode_error(data: bytes) -> None:
     srv = server()
     assert srv.handle(frame(data), NOW) == []
     assert srv.stats.malformed == 1 and srv.stats.internal_error == 0
+
+
+def test_relay_messages_are_not_parsed() -> None:
+    """Relay-forward/-reply have another header (§9); relays are not supported."""
+    for msg_type in (12, 13):
+        with pytest.raises(DecodeError, match="relay"):
+            Dhcp6Message.parse(base(CID, msg_type=msg_type))
 
 
 def test_parse_options_round_trip() -> None:

@@ -27,6 +27,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -216,7 +217,9 @@ class AdapterDaemon:
         link_dhcp4 = RawLink(dl, [0x0800], bpf=udp4_dst_port_filter(67))
         link6 = RawLink(dl, [ETH_P_IPV6])
         self.links = [link_arp, link_dhcp4, link6]
-        self.sinks = [UdpSink(dl, 67).open()]
+        # the services read through packet sockets; these keep the kernel from answering
+        # unicast DHCP(v6) with ICMP port unreachable
+        self.sinks = [UdpSink(dl, 67).open(), UdpSink(dl, 547, socket.AF_INET6).open()]
         self.services = {
             "dhcp4": dhcp4,
             "arp": arp,

@@ -14,7 +14,8 @@ expiries are written to the persistent :class:`~cyphonic.adapter.leases.LeaseSto
 
 **Identity.**  A GN is the Ethernet source MAC of its frames, looked up in the
 :class:`~cyphonic.adapter.gn.GnTable` -- never its DUID, whose type differs between clients
-(ISC dhclient: DUID-LLT; dhcpcd: DUID-LL or -UUID; systemd-networkd: DUID-EN; RFC 8415 §11).
+(ISC dhclient: DUID-LLT; dhcpcd: DUID-UUID, -LLT or -LL; systemd-networkd: DUID-EN; RFC 8415
+§11).
 The DUID and IAID are stored in the lease for logging and ``cyphonic status`` only.  A frame
 from a MAC that is no GN gets **no answer at all** (logged at INFO, rate-limited, counted):
 another DHCPv6 server on the link may serve it, and we do not reveal ourselves to it.
@@ -22,8 +23,8 @@ another DHCPv6 server on the link may serve it, and we do not reveal ourselves t
 **Accepted frames** (everything else is counted and dropped, see :class:`Dhcp6Stats`):
 untagged Ethernet, IPv6 without extension headers, UDP to port 547 with a correct checksum
 (RFC 8200 §8.1; or one still to be filled in by checksum offload, as a veth delivers it: see
-:meth:`Dhcp6Frame.parse`), from a link-local source (RFC 8415 §13.1: clients send from their link-local
-address; relayed messages are not supported) and a unicast MAC, to ``ff02::1:2``
+:meth:`Dhcp6Frame.parse`), from a link-local source (RFC 8415 §17.1: clients send from their
+link-local address; relayed messages, §9, are not supported) and a unicast MAC, to ``ff02::1:2``
 (All_DHCP_Relay_Agents_and_Servers, RFC 8415 §7.1) on MAC 33:33:00:01:00:02, or unicast to the
 adapter's ``router6_ll`` on the adapter's MAC.  The server never sends the Server Unicast option
 (RFC 8415 §21.12), so a unicast Request, Renew, Release or Decline is answered by a Reply with
@@ -635,18 +636,20 @@ class _Leases(Protocol):
 class Dhcp6Stats:
     """Counters of :meth:`Dhcp6Server.handle`.
 
-    ``rx_<type>`` / ``tx_<type>``: messages accepted / sent by type.  Drops: ``ignored`` (not
-    IPv6/UDP/547: the link's other traffic), ``own_frame`` (sent by the adapter's MAC: AF_PACKET
-    sees outgoing frames), ``not_for_us`` (another destination), ``malformed`` (bad framing,
-    checksum, option encoding, or a missing/forbidden identifier, §16), ``not_link_local`` (a
-    non-link-local source: relays are not supported), ``unsupported`` (server-to-client or relay
-    message types), ``unknown_mac`` (no GN has the source MAC: no answer), ``wrong_server``
-    (another server's Identifier), ``unicast`` (sent unicast; UseMulticast or dropped, §18.4),
-    ``no_reply`` (a Confirm without addresses, §18.3.3).  Events: ``checksum_partial`` (a
-    frame whose UDP checksum was still to be filled in by offload, see
-    :meth:`Dhcp6Frame.parse`), ``declined``,
-    ``binding_recreated`` (Renew/Rebind without a lease record), ``lease_store_errors``,
-    ``internal_error`` (a bug; logged with traceback).
+    ``rx_<type>`` / ``tx_<type>``: well-formed client messages received (from any MAC) / answers
+    sent, by type.
+
+    Drops: ``ignored`` (not IPv6/UDP/547: the link's other traffic), ``own_frame`` (sent by the
+    adapter's MAC: AF_PACKET sees outgoing frames), ``not_for_us`` (another destination),
+    ``malformed`` (bad framing, checksum, option encoding, or a missing/forbidden identifier,
+    §16), ``not_link_local`` (a non-link-local source), ``unsupported`` (server-to-client or
+    relay message types, §9), ``unknown_mac`` (no GN has the source MAC: no answer),
+    ``wrong_server`` (another server's Identifier), ``unicast`` (sent unicast: UseMulticast or
+    dropped, §18.4), ``no_reply`` (a Confirm without addresses, §18.3.3).
+
+    Events: ``checksum_partial`` (a UDP checksum still to be filled in by offload, see
+    :meth:`Dhcp6Frame.parse`), ``declined``, ``binding_recreated`` (Renew/Rebind without a
+    lease record), ``lease_store_errors``, ``internal_error`` (a bug; logged with traceback).
     """
 
     rx_solicit: int = 0
@@ -683,8 +686,8 @@ class Dhcp6Server:
     """Stateful DHCPv6 server for the GNs of one downlink (see the module docstring).
 
     ``table`` is the live GN table (consulted per message, so a refreshed list takes effect at
-    once), ``addressing`` the downlink's plan (``downlink_mac``, ``router6_ll`` -- the source of
-    every reply --, ``pool6``, ``dns6``, ``domain``), ``leases`` the persistent lease store.
+    once), ``addressing`` the downlink's plan (``downlink_mac`` and ``router6_ll``, the source
+    of every reply; ``dns6`` and ``domain``, sent to the GNs), ``leases`` the persistent store.
     ``preferred``/``valid`` are the address lifetimes (§21.6), ``t1``/``t2`` the IA_NA renewal
     times (§21.4; default 0.5 and 0.8 x ``preferred``), ``server_duid`` our DUID (default:
     DUID-LL of ``downlink_mac``, §11.4), ``preference`` the Advertise preference (§21.8),
@@ -733,7 +736,6 @@ class Dhcp6Server:
             _check_duid("server", self.server_duid)
         except DecodeError as exc:
             raise ConfigError(str(exc)) from exc
-        self.pool6 = addressing.pool6
         try:
             domains = encode_domain_names((addressing.domain,))
         except ValueError as exc:
@@ -751,13 +753,12 @@ class Dhcp6Server:
         """One received Ethernet frame -> the frames to send (``[]`` or one).  Never raises."""
         try:
             pkt = Dhcp6Frame.parse(frame)
+            if pkt is None:
+                self.stats.ignored += 1
+                return []
+            return self._frame(pkt, now)
         except DecodeError as exc:
             return self._malformed(frame[6:12], str(exc), now)
-        if pkt is None:
-            self.stats.ignored += 1
-            return []
-        try:
-            return self._frame(pkt, now)
         except Exception:  # a bug, not bad input: keep the event loop alive, but say so
             log.exception("DHCPv6 server failed on a %d-byte frame", len(frame))
             self.stats.internal_error += 1
@@ -793,6 +794,9 @@ class Dhcp6Server:
             return self._malformed(pkt.eth_src, "multicast Ethernet source", now)
         if not (pkt.ip_src[0] == 0xFE and pkt.ip_src[1] & 0xC0 == 0x80):
             stats.not_link_local += 1
+            return []
+        if pkt.payload[:1] in (b"\x0c", b"\x0d"):  # Relay-forw/-repl (§9): no relays here
+            stats.unsupported += 1
             return []
         try:
             msg = Dhcp6Message.parse(pkt.payload)
@@ -1001,7 +1005,8 @@ class Dhcp6Server:
             else:
                 unbound = IaNa(ia.iaid, status=(StatusCode.NO_BINDING, "no binding for this IA"))
                 out.append((OptionCode.IA_NA, unbound.pack()[4:]))
-        if decline and any(a.address == gn.vip6 for ia in msg.ia_na for a in ia.addresses):
+        declined = [ia for ia in msg.ia_na if any(a.address == gn.vip6 for a in ia.addresses)]
+        if decline and declined:
             self.stats.declined += 1
             log.error(
                 "general node %s (%s) DECLINED its fixed VIPv6 %s: another host on the "
@@ -1011,11 +1016,16 @@ class Dhcp6Server:
                 gn.fqdn,
                 gn.vip6,
             )
-        if hit is not None and lease is not None:
-            state = "declined" if decline else "released"
-            self._store(gn, {**lease, "state": state, "expires": now, "updated": now})
-            if not decline:
-                log.info("DHCPv6 %s (%s) released %s", gn.mac, gn.fqdn, gn.vip6)
+        if decline and declined:  # on file whether bound or not: `cyphonic status` shows it
+            base = (
+                lease
+                if hit is not None and lease is not None
+                else self._record(gn, msg, declined[0], now)
+            )
+            self._store(gn, {**base, "state": "declined", "expires": now, "updated": now})
+        elif hit is not None and lease is not None:
+            self._store(gn, {**lease, "state": "released", "expires": now, "updated": now})
+            log.info("DHCPv6 %s (%s) released %s", gn.mac, gn.fqdn, gn.vip6)
         done = "decline" if decline else "release"
         status = _status_data(StatusCode.SUCCESS, f"{done} received")
         return MessageType.REPLY, [*self._ids(msg), (OptionCode.STATUS_CODE, status), *out]
@@ -1034,19 +1044,7 @@ class Dhcp6Server:
         now: float,
         why: str,
     ) -> None:
-        duid = msg.get(OptionCode.CLIENTID) or b""
-        record = {
-            "mac": gn.mac,
-            "fqdn": gn.fqdn,
-            "vip6": str(gn.vip6),
-            "state": "bound",
-            "duid": duid.hex(),
-            "duid_type": duid_type_name(duid),
-            "iaid": ia.iaid,
-            "bound_at": now,
-            "expires": now + self.valid,
-            "updated": now,
-        }
+        record = self._record(gn, msg, ia, now)
         same = lease is not None and all(
             lease.get(k) == record[k] for k in ("state", "vip6", "iaid", "duid")
         )
@@ -1064,6 +1062,22 @@ class Dhcp6Server:
                 ia.iaid,
             )
         self._store(gn, record)
+
+    def _record(self, gn: GeneralNode, msg: Dhcp6Message, ia: IaNa, now: float) -> dict[str, Any]:
+        """A fresh ``bound`` lease record (the schema of the module docstring)."""
+        duid = msg.get(OptionCode.CLIENTID) or b""
+        return {
+            "mac": gn.mac,
+            "fqdn": gn.fqdn,
+            "vip6": str(gn.vip6),
+            "state": "bound",
+            "duid": duid.hex(),
+            "duid_type": duid_type_name(duid),
+            "iaid": ia.iaid,
+            "bound_at": now,
+            "expires": now + self.valid,
+            "updated": now,
+        }
 
     def _store(self, gn: GeneralNode, record: dict[str, Any]) -> None:
         try:
