@@ -38,6 +38,7 @@ e2e: setup deps
 bench-quick: setup deps
 	$(PY) bench/overlay_core.py --quick
 	$(PY) bench/interconnect.py --quick
+	$(PY) bench/adapter.py --quick
 
 test: lint unit e2e bench-quick
 
@@ -50,6 +51,7 @@ lab-down: setup
 bench: setup deps
 	$(PY) bench/overlay_core.py
 	$(PY) bench/interconnect.py
+	$(PY) bench/adapter.py
 
 clean: lab-down
 	rm -rf $(VENV)

@@ -44,6 +44,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, AF_PACKET"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (the ip command)"),
+    pytest.mark.skipif(shutil.which("dhclient") is None, reason="needs ISC dhclient"),
 ]
 
 PREFIX = "cyd4"
@@ -97,7 +98,7 @@ class Bed:
     ifname: str
     adapter_mac: str
     server: subprocess.Popen[str]
-    dumpcap: subprocess.Popen[str]
+    dumpcap: subprocess.Popen[str] | None
     pcap: Path
     leases: Path
     timings: dict[str, float] = field(default_factory=dict)
@@ -129,8 +130,9 @@ class Bed:
             assert lines and lines[-1].get("stopped"), f"server stdout {out!r}\nstderr {err}"
             self.final = lines[-1]
             self.final["stderr"] = err
-            self.dumpcap.send_signal(signal.SIGTERM)
-            self.dumpcap.wait(timeout=10)
+            if self.dumpcap is not None:
+                self.dumpcap.send_signal(signal.SIGTERM)
+                self.dumpcap.wait(timeout=10)
         return self.final
 
 
@@ -156,16 +158,20 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         topo.run("adapter", ["sh", "-c", f"echo 8 > /proc/sys/net/ipv4/conf/{ifname}/arp_ignore"])
 
         pcap = tmp / "downlink.pcap"
-        dumpcap = topo.popen(
-            "adapter",
-            ["dumpcap", "-q", "-P", "-i", ifname, "-f", CAPTURE_FILTER, "-w", str(pcap)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for(
-            lambda: pcap.exists() and pcap.stat().st_size >= 24, timeout=10, what="dumpcap to start"
-        )
+        dumpcap = None
+        if shutil.which("dumpcap"):
+            dumpcap = topo.popen(
+                "adapter",
+                ["dumpcap", "-q", "-P", "-i", ifname, "-f", CAPTURE_FILTER, "-w", str(pcap)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            wait_for(
+                lambda: pcap.exists() and pcap.stat().st_size >= 24,
+                timeout=10,
+                what="dumpcap to start",
+            )
 
         leases = tmp / "state" / "leases.json"
         argv = [
@@ -344,14 +350,6 @@ def test_dhcpcd_gets_its_vip(bed: Bed) -> None:
     assert bed.lease(GNS["gn2"][0])["state"] == "bound"
 
 
-@pytest.mark.skipif(shutil.which("dhcpcd") is None, reason="dhcpcd is not installed")
-def test_dhcpcd_inform(bed: Bed) -> None:
-    """``dhcpcd -s``: the GN sets its VIP itself and asks only for configuration (§4.3.5)."""
-    _, vip4, _ = GNS["gn2"]
-    bed.topo.run("gn2", ["ip", "-4", "addr", "flush", "dev", bed.ifname])
-    dhcpcd_run(bed, "gn2", f"noarp\ninform {vip4}/16", "dhcpcd INFORM", f"{vip4}/16")
-
-
 def test_gn_vip_is_answered_by_the_gn_itself(bed: Bed) -> None:
     gn2_mac, gn2_vip, _ = GNS["gn2"]
     bed.topo.run("gn1", ["ping", "-c", "1", "-W", "2", gn2_vip])
@@ -363,7 +361,8 @@ def test_unknown_mac_gets_nothing(bed: Bed) -> None:
     argv = dhclient_setup(bed, "stranger", timeout=3)
     proc = bed.topo.run("stranger", [*argv, "-1", bed.ifname], check=False, timeout=30)
     assert proc.returncode == 2, proc.stdout + proc.stderr  # "Unable to obtain a lease"
-    assert "DHCPOFFER" not in proc.stderr and bed.addresses("stranger") == []
+    assert "No DHCPOFFERS received" in proc.stderr and "DHCPOFFER of" not in proc.stderr
+    assert bed.addresses("stranger") == []
 
 
 def test_dhclient_release(bed: Bed) -> None:
@@ -386,14 +385,14 @@ def test_counters_and_capture(bed: Bed) -> None:
     assert dhcp["request_selecting"] >= 1 and dhcp["request_renewing"] >= 1
     assert dhcp["request_init_reboot"] >= 1 and dhcp["release"] >= 1
     if shutil.which("dhcpcd"):
-        assert dhcp["rapid_commit"] >= 2 and dhcp["inform"] >= 1
+        assert dhcp["rapid_commit"] >= 2
         assert arp["probes"] >= 3 and dhcp["decline"] == 0
     assert arp["answered_peer"] >= 1 and arp["answered_router"] >= 1
     assert final["dhcp4_link"]["handler_errors"] == final["arp_link"]["handler_errors"] == 0
     assert final["lease_states"][GNS["gn1"][0]] == "released"
 
-    if shutil.which("tshark") is None:
-        pytest.skip("tshark is not installed: the capture is not checked")
+    if bed.dumpcap is None or shutil.which("tshark") is None:
+        pytest.skip("dumpcap/tshark (Wireshark) not installed: the capture is not checked")
     expert = _tshark(bed.pcap, "-q", "-z", "expert")
     assert "Errors" not in expert and "Warnings" not in expert, expert
     assert _tshark(bed.pcap, "-Y", "_ws.malformed || _ws.expert.severity >= warning").strip() == ""
@@ -430,6 +429,31 @@ def test_counters_and_capture(bed: Bed) -> None:
             continue
         ack = next(r for r in rows if r[2] == mac and r[3] == "5" and r[4] == discover[4])
         bed.timings[f"{name}: DISCOVER -> ACK on the wire"] = float(ack[0]) - float(discover[0])
+    # The ARP proxy's answer time on the wire (the paper's "ARP process time", slide 20).
+    arp_rows = [
+        line.split("\t")
+        for line in _tshark(
+            bed.pcap,
+            "-Y",
+            "arp",
+            "-T",
+            "fields",
+            "-e",
+            "frame.time_relative",
+            "-e",
+            "arp.opcode",
+            "-e",
+            "arp.src.proto_ipv4",
+            "-e",
+            "arp.dst.proto_ipv4",
+            "-e",
+            "arp.src.hw_mac",
+        ).splitlines()
+    ]
+    ask = next(r for r in arp_rows if r[1] == "1" and r[3] == PEER_VIP)
+    answer = next(r for r in arp_rows if r[1] == "2" and r[2] == PEER_VIP)
+    assert answer[4] == bed.adapter_mac and float(answer[0]) >= float(ask[0])
+    bed.timings["ARP who-has peer -> proxy reply on the wire"] = float(answer[0]) - float(ask[0])
 
 
 def _tshark(pcap: Path, *args: str) -> str:

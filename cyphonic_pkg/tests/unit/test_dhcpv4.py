@@ -47,7 +47,7 @@ from cyphonic.adapter.packet_io import (
     PacketType,
     udp4_dst_port_filter,
 )
-from cyphonic.errors import CyphonicError, DecodeError
+from cyphonic.errors import ConfigError, CyphonicError, DecodeError
 
 ADAPTER_MAC = "02:aa:00:00:00:01"
 GN1 = GeneralNode(
@@ -857,6 +857,8 @@ def test_bad_configuration_is_refused(
         Dhcp4Server(table, addressing, LeaseStore(lease_path), lease_time=0)
     with pytest.raises(CyphonicError, match="mtu"):
         Dhcp4Server(table, addressing, LeaseStore(lease_path), mtu=67)
+    with pytest.raises(ConfigError, match="bad domain"):
+        Dhcp4Server(table, addressing, LeaseStore(lease_path), domain="a..b")
 
 
 def test_counters_have_stable_names(server: Dhcp4Server) -> None:

@@ -86,6 +86,13 @@ Codec
     The tests build their requests with scapy and dissect the replies with it, so the two
     codecs check each other.
 
+Wiring (what :func:`main` does and the adapter daemon should do)
+    ``router4`` configured on the downlink with the pool's prefix (``ip addr add
+    10.64.0.1/16 dev <downlink>``); a :class:`~cyphonic.adapter.packet_io.RawLink` for
+    ``ETH_P_IP`` with :func:`~cyphonic.adapter.packet_io.udp4_dst_port_filter` (67) feeding
+    :meth:`Dhcp4Server.handle`; a :class:`~cyphonic.adapter.packet_io.UdpSink` on port 67 of the
+    downlink (unicast renewals and releases reach the kernel too); ``now`` = ``time.time()``.
+
 Counters (``Dhcp4Server.counters``, names in :data:`COUNTER_NAMES`): ``received`` frames;
 ``not_dhcp``, ``not_for_us``, ``malformed``, ``relayed``, ``chaddr_mismatch``, ``unknown_mac``,
 ``bad_vip`` (a GN whose VIPv4 is not a host address of the pool: never served), ``unsupported``;
@@ -116,7 +123,7 @@ from typing import Any, Final, Self
 
 from cyphonic.adapter.gn import AdapterAddressing, GeneralNode, GnTable, LogThrottle, mac_str
 from cyphonic.adapter.leases import LeaseStore
-from cyphonic.errors import CyphonicError, DecodeError
+from cyphonic.errors import ConfigError, CyphonicError, DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -563,9 +570,9 @@ class Dhcp4Server:
         log_interval: float = 60.0,
     ) -> None:
         if not 1 <= lease_time < 0xFFFFFFFF:
-            raise CyphonicError(f"lease_time {lease_time} outside 1..{0xFFFFFFFF - 1} s")
+            raise ConfigError(f"lease_time {lease_time} outside 1..{0xFFFFFFFF - 1} s")
         if mtu is not None and not 68 <= mtu <= 0xFFFF:
-            raise CyphonicError(f"mtu {mtu} outside 68..65535 (RFC 2132 §5.1)")
+            raise ConfigError(f"mtu {mtu} outside 68..65535 (RFC 2132 §5.1)")
         self.table = table
         self.addressing = addressing
         self.leases = leases
@@ -594,8 +601,11 @@ class Dhcp4Server:
             Option.BROADCAST_ADDRESS: pool.broadcast_address.packed,
         }
         if self.domain:
-            self._config[Option.DOMAIN_NAME] = self.domain.encode("ascii")
-            self._config[Option.DOMAIN_SEARCH] = encode_domain_search([self.domain])
+            try:
+                self._config[Option.DOMAIN_NAME] = self.domain.encode("ascii")
+                self._config[Option.DOMAIN_SEARCH] = encode_domain_search([self.domain])
+            except ValueError as exc:  # UnicodeEncodeError is a ValueError too
+                raise ConfigError(f"bad domain {self.domain!r}: {exc}") from exc
         if mtu is not None:
             self._config[Option.INTERFACE_MTU] = mtu.to_bytes(2, "big")
         self._always = tuple(
