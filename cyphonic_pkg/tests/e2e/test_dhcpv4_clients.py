@@ -373,6 +373,47 @@ def test_dhclient_release(bed: Bed) -> None:
     wait_for(lambda: bed.lease(mac).get("state") == "released", timeout=5, what="the release")
 
 
+SNIFF = """
+import json, sys, time
+from cyphonic.adapter.packet_io import ETH_P_IPV6, RawLink, ipv6_filter
+link = RawLink(sys.argv[1], [ETH_P_IPV6], bpf=ipv6_filter((133, 135), (547,))).open()
+print("ready", flush=True)
+seen, end = [], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    for f in link.receive():
+        seen.append([f[20], f[54] if f[20] == 58 else int.from_bytes(f[56:58], "big")])
+    time.sleep(0.005)
+print(json.dumps({"seen": seen, "stats": link.stats}), flush=True)
+"""
+
+
+def test_ipv6_filter_in_the_kernel(bed: Bed) -> None:
+    """The classic BPF of :func:`ipv6_filter` as the kernel runs it: a GN's Neighbor
+    Solicitation reaches the socket, its echo requests (GN data) and our own frames do not."""
+    out = bed.topo.run(
+        "adapter", ["ip", "-6", "-o", "addr", "show", "dev", bed.ifname, "scope", "link"]
+    ).stdout
+    adapter_ll = out.split()[3].split("/")[0]
+    sniffer = bed.topo.popen(
+        "adapter",
+        [sys.executable, "-c", SNIFF, bed.ifname, "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _wait_line(sniffer, 10).strip() == "ready"
+    bed.topo.run("gn1", ["ip", "-6", "neigh", "flush", "dev", bed.ifname])
+    bed.topo.run(
+        "gn1", ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", f"{adapter_ll}%{bed.ifname}"]
+    )
+    out, err = sniffer.communicate(timeout=15)
+    result = json.loads(out.splitlines()[-1])
+    seen = {tuple(x) for x in result["seen"]}
+    assert (58, 135) in seen, (result, err)  # the GN's NS for the adapter's address
+    assert not {x for x in seen if x[0] == 58 and x[1] in (128, 129)}, result  # echo: kernel's
+    assert result["stats"]["rx_outgoing"] == result["stats"]["rx_ethertype"] == 0
+
+
 def test_counters_and_capture(bed: Bed) -> None:
     final = bed.stop()
     dhcp, arp = final["dhcp4"], final["arp"]

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RS, IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -45,6 +46,9 @@ from cyphonic.adapter.packet_io import (
     SKF_AD_PKTTYPE,
     BpfInsn,
     PacketType,
+    assemble,
+    ethertype_filter,
+    ipv6_filter,
     udp4_dst_port_filter,
 )
 from cyphonic.errors import ConfigError, CyphonicError, DecodeError
@@ -914,3 +918,44 @@ def test_udp4_port_filter() -> None:
     assert run_bpf(program, bytes(Ether() / IP(frag=100) / UDP(dport=67))) == 0
     assert run_bpf(program, bytes(Ether() / ARP())) == 0
     assert run_bpf(program, discover[:20]) == 0
+
+
+def test_ethertype_filter() -> None:
+    program = ethertype_filter([0x0806, 0x86DD])
+    assert run_bpf(program, bytes(Ether() / ARP())) > 0
+    assert run_bpf(program, bytes(Ether() / IPv6())) > 0
+    assert run_bpf(program, bytes(Ether() / IP())) == 0
+    assert run_bpf(program, bytes(Ether() / ARP()), PacketType.OUTGOING) == 0
+    assert (
+        run_bpf(
+            ethertype_filter([0x0806], accept_otherhost=True),
+            bytes(Ether() / ARP()),
+            PacketType.OTHERHOST,
+        )
+        > 0
+    )
+
+
+def test_ipv6_filter() -> None:
+    program = ipv6_filter((133, 135), (547,))
+    ns = bytes(Ether() / IPv6(dst="ff02::1:ff00:10") / ICMPv6ND_NS(tgt="fd00::10"))
+    rs = bytes(Ether() / IPv6(dst="ff02::2") / ICMPv6ND_RS())
+    dhcp6 = bytes(Ether() / IPv6(dst="ff02::1:2") / UDP(sport=546, dport=547))
+    assert run_bpf(program, ns, PacketType.MULTICAST) > 0
+    assert run_bpf(program, rs) > 0 and run_bpf(program, dhcp6) > 0
+    assert run_bpf(program, ns, PacketType.OUTGOING) == 0
+    assert run_bpf(program, bytes(Ether() / IPv6() / ICMPv6EchoRequest())) == 0  # GN data
+    assert run_bpf(program, bytes(Ether() / IPv6() / UDP(dport=53))) == 0
+    assert run_bpf(program, bytes(Ether() / IPv6() / IPv6ExtHdrHopByHop() / ICMPv6ND_RS())) == 0
+    assert run_bpf(program, bytes(Ether() / IP() / UDP(dport=547))) == 0
+    assert run_bpf(ipv6_filter((135,)), dhcp6) == 0
+    assert run_bpf(ipv6_filter((), (547,)), ns) == 0 and run_bpf(ipv6_filter((), (547,)), dhcp6)
+    with pytest.raises(ValueError, match="needs"):
+        ipv6_filter()
+
+
+def test_assemble_labels() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        assemble(["x", "x"])
+    with pytest.raises(ValueError, match="out of range"):
+        assemble([(BPF_JMP | BPF_JEQ, "accept", 0, 1)] + [(BPF_LD, 0, 0, 0)] * 300)

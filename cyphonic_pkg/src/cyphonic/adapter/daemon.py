@@ -43,6 +43,7 @@ from cyphonic.adapter.packet_io import (
     RawLink,
     UdpSink,
     ethertype_filter,
+    ipv6_filter,
     serve,
     udp4_dst_port_filter,
 )
@@ -189,6 +190,8 @@ class AdapterDaemon:
         _sysctl(f"net.ipv6.conf.{dl}.accept_ra", "0")
         _sysctl(f"net.ipv6.conf.{dl}.router_solicitations", "0")
         _sysctl(f"net.ipv4.conf.{dl}.send_redirects", "0")
+        # ARP on the downlink is the ARP proxy's: the kernel must not answer unknown MACs
+        _sysctl(f"net.ipv4.conf.{dl}.arp_ignore", "8")
         _sysctl("net.ipv4.conf.all.send_redirects", "0")
         _run(["ip", "link", "set", dl, "up", "allmulticast", "on"])  # RS, NS, DHCPv6 groups
         _run(["ip", "addr", "replace", f"{a.router4}/{a.pool4.prefixlen}", "dev", dl])
@@ -215,7 +218,8 @@ class AdapterDaemon:
         )
         link_arp = RawLink(dl, [ETH_P_ARP], bpf=ethertype_filter([ETH_P_ARP]))
         link_dhcp4 = RawLink(dl, [0x0800], bpf=udp4_dst_port_filter(67))
-        link6 = RawLink(dl, [ETH_P_IPV6])
+        # only RS (133), NS (135) and DHCPv6 (547) reach Python, not the GNs' data packets
+        link6 = RawLink(dl, [ETH_P_IPV6], bpf=ipv6_filter((133, 135), (547,)))
         self.links = [link_arp, link_dhcp4, link6]
         # the services read through packet sockets; these keep the kernel from answering
         # unicast DHCP(v6) with ICMP port unreachable

@@ -12,8 +12,8 @@ is everything else::
     One ``AF_PACKET``/``SOCK_RAW`` socket bound to one interface (packet(7)): non-blocking,
     created with protocol 0 so that it queues nothing before its filter is attached, then bound
     to the interface.  A classic BPF program (socket(7) ``SO_ATTACH_FILTER``) keeps unwanted
-    frames in the kernel; :func:`ethertype_filter` (the default) and
-    :func:`udp4_dst_port_filter` build the usual ones, or pass your own instructions.  Every
+    frames in the kernel; :func:`ethertype_filter` (the default), :func:`udp4_dst_port_filter`
+    and :func:`ipv6_filter` build the usual ones, or pass your own (:func:`assemble`).  Every
     frame the filter lets through is checked again in Python, so a missing or wrong filter
     costs time, never correctness: frames the host sent itself (``PACKET_OUTGOING``: a packet
     socket sees the host's transmissions on the interface), frames for other hosts
@@ -71,6 +71,7 @@ __all__ = [
     "UdpSink",
     "assemble",
     "ethertype_filter",
+    "ipv6_filter",
     "serve",
     "udp4_dst_port_filter",
 ]
@@ -120,23 +121,32 @@ Target = int | str
 """A jump target: a relative offset (as in BPF) or ``"accept"`` / ``"drop"``."""
 
 
-def assemble(body: Sequence[tuple[int, Target, Target, int]]) -> list[BpfInsn]:
-    """Resolve ``"accept"``/``"drop"`` jump targets and append the two exits.
+def assemble(body: Sequence[tuple[int, Target, Target, int] | str]) -> list[BpfInsn]:
+    """Resolve jump targets and append the two exits.
 
-    The program returned ends with ``ret #SNAPLEN`` (accept) and ``ret #0`` (drop).
+    ``body`` holds instructions and label names (a string marks the position of the next
+    instruction); a jump target is a relative offset or a label, ``"accept"`` and ``"drop"``
+    being predefined.  The program returned ends with ``ret #SNAPLEN`` (accept) and ``ret #0``
+    (drop).  Jumps go forward only, at most 255 instructions (classic BPF).
     """
-    accept, drop = len(body), len(body) + 1
+    insns: list[tuple[int, Target, Target, int]] = []
+    labels: dict[str, int] = {}
+    for item in body:
+        if isinstance(item, str):
+            if item in labels or item in ("accept", "drop"):
+                raise ValueError(f"BPF label {item!r} defined twice")
+            labels[item] = len(insns)
+        else:
+            insns.append(item)
+    labels["accept"], labels["drop"] = len(insns), len(insns) + 1
 
     def rel(index: int, target: Target) -> int:
-        if isinstance(target, int):
-            offset = target
-        else:
-            offset = {"accept": accept, "drop": drop}[target] - index - 1
+        offset = target if isinstance(target, int) else labels[target] - index - 1
         if not 0 <= offset <= 255:
             raise ValueError(f"BPF jump offset {offset} out of range at instruction {index}")
         return offset
 
-    program = [(code, rel(i, jt), rel(i, jf), k) for i, (code, jt, jf, k) in enumerate(body)]
+    program = [(code, rel(i, jt), rel(i, jf), k) for i, (code, jt, jf, k) in enumerate(insns)]
     return [*program, (BPF_RET | BPF_K, 0, 0, SNAPLEN), (BPF_RET | BPF_K, 0, 0, 0)]
 
 
@@ -177,6 +187,38 @@ def udp4_dst_port_filter(port: int, *, accept_otherhost: bool = False) -> list[B
         (BPF_LD | BPF_H | BPF_IND, 0, 0, 14 + 2),  # UDP destination port
         (BPF_JMP | BPF_JEQ | BPF_K, "accept", "drop", port),
     ]
+    return assemble(body)
+
+
+def ipv6_filter(
+    icmp6_types: Iterable[int] = (),
+    udp_dst_ports: Iterable[int] = (),
+    *,
+    accept_otherhost: bool = False,
+) -> list[BpfInsn]:
+    """Untagged IPv6 frames carrying ICMPv6 of ``icmp6_types`` or UDP to ``udp_dst_ports``,
+    with the upper-layer header right after the fixed IPv6 header (no extension headers: ND,
+    RS and DHCPv6 messages carry none), e.g. ``ipv6_filter((133, 135), (547,))`` for the
+    adapter's RS/NS/DHCPv6 services -- everything else of the GNs' IPv6 traffic stays in the
+    kernel instead of being copied to Python."""
+    types, ports = list(dict.fromkeys(icmp6_types)), list(dict.fromkeys(udp_dst_ports))
+    if not types and not ports:
+        raise ValueError("ipv6_filter needs ICMPv6 types or UDP ports")
+    body: list[tuple[int, Target, Target, int] | str] = [*_pkttype_checks(accept_otherhost)]
+    body += [
+        (BPF_LD | BPF_H | BPF_ABS, 0, 0, 12),  # ethertype
+        (BPF_JMP | BPF_JEQ | BPF_K, 0, "drop", ETH_P_IPV6),
+        (BPF_LD | BPF_B | BPF_ABS, 0, 0, 14 + 6),  # next header
+        (BPF_JMP | BPF_JEQ | BPF_K, "icmp6" if types else "drop", 0, socket.IPPROTO_ICMPV6),
+        (BPF_JMP | BPF_JEQ | BPF_K, "udp" if ports else "drop", "drop", socket.IPPROTO_UDP),
+    ]
+    for label, offset, values in (("icmp6", 14 + 40, types), ("udp", 14 + 40 + 2, ports)):
+        if not values:
+            continue
+        body += [label, (BPF_LD | (BPF_B if label == "icmp6" else BPF_H) | BPF_ABS, 0, 0, offset)]
+        for i, value in enumerate(values):
+            last = i == len(values) - 1
+            body.append((BPF_JMP | BPF_JEQ | BPF_K, "accept", "drop" if last else 0, value))
     return assemble(body)
 
 
