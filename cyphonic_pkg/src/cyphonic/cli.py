@@ -325,7 +325,14 @@ def format_status(data: dict[str, Any]) -> str:
             f"registered {data.get('registrations')}"
         )
         for k, v in sorted(data.get("nms", {}).items()):
-            lines.append(f"  nms.{k}: {v}")
+            if k == "trs" and isinstance(v, dict):
+                for t in v.get("instances", []):
+                    lines.append(
+                        f"  trs {t['trs_id']}: {', '.join(t['endpoints'])}  "
+                        f"sessions {t['active_sessions']}/{t['capacity']}"
+                    )
+            else:
+                lines.append(f"  nms.{k}: {v}")
         return "\n".join(lines)
     reg = "registered" if data.get("registered") else "NOT registered"
     lines.append(f"{data.get('fqdn')}  {data.get('vip4')}  {data.get('vip6')}  {reg}")
@@ -342,7 +349,11 @@ def format_status(data: dict[str, Any]) -> str:
             f"  endpoint {p['endpoint']}  rx {p['rx_bytes']} B  tx {p['tx_bytes']} B"
             f"  handshake {ago}"
         )
-    drops = {k: v for k, v in data.get("counters", {}).items() if isinstance(v, int) and v}
+    drops = {
+        k: v
+        for k, v in data.get("counters", {}).items()
+        if isinstance(v, int) and v and k != "punches"  # punches are expected, not drops
+    }
     if drops:
         lines.append("  dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
     return "\n".join(lines)

@@ -1,7 +1,10 @@
-"""``make lab``: bring up cloud + two nodes in namespaces and show them talking.
+"""``make lab``: bring up the system in namespaces and show it working.
 
-``python -m cyphonic.lab up`` builds the system, prints each daemon's status and
-pings ``b.cyphonic.test`` from node a by name, then leaves everything running
+Cloud (AS, NMS, TRS), node a on the Internet, node b behind a NAPT router, and an
+adapter whose general node ``gn`` (an unmodified host running ISC dhclient) gets
+its VIP by DHCP.  ``python -m cyphonic.lab up`` builds it, prints each daemon's
+status, pings ``b.cyphonic.test`` from a and ``a.cyphonic.test`` from the general
+node by name, then leaves everything running
 (``ip netns exec cylab-a bash`` to explore).  ``python -m cyphonic.lab down``
 removes it all, by name.
 """
@@ -14,13 +17,20 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cyphonic.cli import format_status
-from cyphonic.testbed.overlay import NodeSpec, OverlayLab
-from cyphonic.testbed.topology import destroy_prefix
+from cyphonic.testbed.overlay import (
+    AdapterSpec,
+    GeneralNodeSpec,
+    NodeSpec,
+    OverlayLab,
+    RouterSpec,
+)
+from cyphonic.testbed.topology import destroy_prefix, wait_for
 
 PREFIX = "cylab"
 WORKDIR = Path("/run/cyphonic-lab")
@@ -40,12 +50,25 @@ def up() -> int:
         workdir=WORKDIR,
         nodes=[
             NodeSpec("a", "198.51.100.20", "2001:db8:100::20"),
-            NodeSpec("b", "198.51.100.30", "2001:db8:100::30"),
+            NodeSpec("b", "10.10.1.10", None, lan="ra"),
         ],
+        routers=[RouterSpec("ra", "198.51.100.2", None, lan_v4="10.10.1.0/24")],
+        adapters=[
+            AdapterSpec(
+                "ad",
+                "198.51.100.40",
+                "2001:db8:100::40",
+                general_nodes=[GeneralNodeSpec("gn", "02:00:00:00:00:99")],
+            )
+        ],
+        trs=True,
         log=say,
         replace_stale=True,
     )
-    say("building namespaces (cloud, a, b on a bridge 'inet'), CA, AS/NMS, enrolling nodes")
+    say(
+        "building namespaces (cloud, node a, NAPT router ra with node b, adapter ad with "
+        "general node gn), CA, AS/NMS/TRS, enrolling"
+    )
     try:
         lab.build()
     except BaseException:
@@ -54,11 +77,38 @@ def up() -> int:
         lab.destroy()
         raise
     say("ping b.cyphonic.test from a (DNS query -> route selection -> tunnel -> ICMP)")
-    r = lab.topo.run("a", ["ping", "-4", "-c", "3", "-i", "0.3", "b.cyphonic.test"], check=False)
+    r = lab.topo.run("a", ["ping", "-c", "3", "-i", "0.3", "b.cyphonic.test"], check=False)
     print(r.stdout, r.stderr, sep="", end="")
-    r6 = lab.topo.run("a", ["ping", "-6", "-c", "2", "-i", "0.3", "b.cyphonic.test"], check=False)
+    say("general node gn: ISC dhclient -4 on its link (DHCPv4 from the adapter)")
+    ifname = lab.topo.host("gn").ifname
+    lab.topo.set_resolver("gn", "192.0.2.53")
+    lab.topo.popen(
+        "gn",
+        [
+            "dhclient",
+            "-4",
+            "-d",
+            "-lf",
+            str(WORKDIR / "gn.leases"),
+            "-pf",
+            str(WORKDIR / "gn.pid"),
+            ifname,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: (
+            "10.64." in lab.topo.run("gn", ["ip", "-4", "-o", "addr"]).stdout
+            and "10.64.0.1" in lab.topo.run("gn", ["cat", "/etc/resolv.conf"]).stdout
+        ),
+        30,
+    )
+    print(lab.topo.run("gn", ["ip", "-4", "-o", "addr", "show", "dev", ifname]).stdout, end="")
+    say("ping a.cyphonic.test from the general node (through the adapter and the overlay)")
+    r6 = lab.topo.run("gn", ["ping", "-4", "-c", "3", "-i", "0.3", "a.cyphonic.test"], check=False)
     print(r6.stdout, r6.stderr, sep="", end="")
-    for name in ("cloud", "a", "b"):
+    for name in ("cloud", "a", "b", "ad"):
         say(f"cyphonic status ({name})")
         print(format_status(lab.status(name)))
     pids = {name: p.pid for name, p in lab.procs.items()}
