@@ -230,3 +230,58 @@ def test_spoofed_vip_or_mac_is_dropped(lab: OverlayLab) -> None:
     dropped = sum(after.values()) - sum(before.values())
     assert dropped > 0
     lab.topo.run("gx", ["ip", "addr", "del", f"{g4['vip4']}/16", "dev", ifname])
+
+
+def test_general_node_added_later_is_picked_up(lab: OverlayLab) -> None:
+    """The Information Request is repeated: a GN added on AS while the adapter runs gets an
+    identity and a lease; removing it stops its identity."""
+    mac = "02:00:00:00:04:02"
+    lab.topo.add_host("g4b", "dad1", mac=mac, autoconf=True)
+    lab.cli(
+        "cloud",
+        "general-node",
+        "add",
+        "--config",
+        str(lab.cloud_config),
+        "--mac",
+        mac,
+        "--fqdn",
+        "g4b.cyphonic.test",
+        "--adapter",
+        "ad1.cyphonic.test",
+    )
+    lab.wait(
+        lambda: any(
+            g["fqdn"] == "g4b.cyphonic.test" and g["registered"]
+            for g in lab.status("ad1")["general_nodes"]
+        ),
+        30,
+        "g4b registered",
+    )
+    g = gn_status(lab, "ad1", "g4b")
+    dhclient(lab, "g4b", 4, g["vip4"])
+    run(lab, "g4b", "ping", "-c", "1", "-W", "3", "n1.cyphonic.test")
+    lab.cli("cloud", "general-node", "remove", "--config", str(lab.cloud_config), mac)
+    lab.wait(
+        lambda: all(g["fqdn"] != "g4b.cyphonic.test" for g in lab.status("ad1")["general_nodes"]),
+        30,
+        "g4b removed",
+    )
+
+
+def test_adapter_restart_keeps_general_nodes_working(lab: OverlayLab) -> None:
+    """Leases, keys and identities survive an adapter restart; the GN keeps its address and
+    reaches the node again without doing anything."""
+    g = gn_status(lab, "ad1", "g4")
+    lab.stop("ad1")
+    lab.start_adapter(AD1)
+    lab.wait_registered("ad1", timeout=60)
+    assert gn_status(lab, "ad1", "g4")["lease4"] is not None
+    assert g["vip4"] in run(lab, "g4", "ip", "-4", "-o", "addr")
+    out = lab.topo.run(
+        "g4",
+        ["ping", "-c", "1", "-W", "1", "-w", "20", "n1.cyphonic.test"],
+        check=False,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stdout
