@@ -43,6 +43,7 @@ AD1 = AdapterSpec(
         GeneralNodeSpec("g4", "02:00:00:00:04:01"),
         GeneralNodeSpec("g6", "02:00:00:00:06:01"),
         GeneralNodeSpec("gx", "02:00:00:00:0f:01"),
+        GeneralNodeSpec("gd", "02:00:00:00:0d:01"),
     ],
 )
 AD2 = AdapterSpec(
@@ -285,3 +286,49 @@ def test_adapter_restart_keeps_general_nodes_working(lab: OverlayLab) -> None:
         timeout=30,
     )
     assert out.returncode == 0, out.stdout
+
+
+DHCPCD_CONF = """\
+noipv4ll
+ipv6rs
+ia_na 1
+duid ll
+clientid
+option rapid_commit
+option domain_name_servers, domain_name, domain_search
+require dhcp_server_identifier
+nohook hostname
+"""
+
+
+@pytest.mark.skipif(shutil.which("dhcpcd") is None, reason="needs dhcpcd")
+def test_dhcpcd_dual_stack_general_node(lab: OverlayLab) -> None:
+    """dhcpcd configures both families (DHCPv4; RA + stateful DHCPv6) and the resolver."""
+    g = gn_status(lab, "ad1", "gd")
+    lab.topo.set_resolver("gd", "192.0.2.53")
+    conf = lab.workdir / "dhcpcd-gd.conf"
+    conf.write_text(DHCPCD_CONF)
+    ifname = lab.topo.host("gd").ifname
+    # dhcpcd keeps state under /run and /var/lib/dhcpcd: private tmpfs in its mount namespace
+    script = (
+        "mount -t tmpfs cya /run && mount -t tmpfs cya /var/lib/dhcpcd && "
+        f"exec dhcpcd -B -t 30 -f {conf} {ifname}"
+    )
+    log = (lab.workdir / "dhcpcd-gd.log").open("w")
+    lab.topo.popen("gd", ["sh", "-c", script], stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+
+    def configured() -> bool:
+        addrs = run(lab, "gd", "ip", "-o", "addr", "show", "dev", ifname)
+        return f" {g['vip4']}/" in addrs and f" {g['vip6']}/" in addrs
+
+    lab.wait(configured, 40, "dhcpcd to configure both VIPs")
+    print(f"gd (dhcpcd): both VIPs in {(time.monotonic() - t0) * 1000:.0f} ms", file=sys.stderr)
+    lab.wait(
+        lambda: "10.64.0.1" in run(lab, "gd", "cat", "/etc/resolv.conf"),
+        20,
+        "dhcpcd to write resolv.conf",
+    )
+    run(lab, "gd", "ping", "-4", "-c", "2", "-i", "0.2", "-W", "2", "n1.cyphonic.test")
+    run(lab, "gd", "ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", "n1.cyphonic.test")
+    transfer(lab, "gd", "n1", 6)
