@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from typing import Any
 
 from cyphonic.errors import CyphonicError
 from cyphonic.nms.core import NmsCore, Outgoing
+from cyphonic.udp import bind_udp, family_of
 from cyphonic.wire.signaling import Endpoint, format_endpoint
 from cyphonic.wire.tunnel import PacketType
 
@@ -46,20 +46,12 @@ class NmsServer:
     async def start(self, listen: list[Endpoint]) -> None:
         loop = asyncio.get_running_loop()
         for host, port in listen:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                sock.close()
-                raise CyphonicError(
-                    f"NMS cannot listen on {format_endpoint((host, port))}: {exc.strerror}"
-                ) from exc
+            fam = family_of(host)
+            if fam in self.transports:
+                raise CyphonicError(f"NMS listens twice on IPv{fam}: one address per family")
+            sock = bind_udp(host, port, "NMS")
             transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
-            self.transports[6 if family == socket.AF_INET6 else 4] = transport
+            self.transports[fam] = transport
             log.info("NMS listening on udp %s", format_endpoint((host, port)))
         self._ticker = asyncio.create_task(self._tick())
 

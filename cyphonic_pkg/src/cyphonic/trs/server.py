@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from cyphonic.errors import CyphonicError
 from cyphonic.status import StatusServer
 from cyphonic.trs.config import TrsConfig, load_trs_key
 from cyphonic.trs.core import Outgoing, RelayCore
+from cyphonic.udp import bind_udp, family_of
 from cyphonic.wire.signaling import Endpoint, format_endpoint
 
 log = logging.getLogger(__name__)
@@ -62,21 +62,10 @@ class TrsServer:
         loop = asyncio.get_running_loop()
         try:
             for host, port in self.listen:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                fam = 6 if family == socket.AF_INET6 else 4
+                fam = family_of(host)
                 if fam in self.transports:
                     raise CyphonicError(f"TRS listens twice on IPv{fam}: one address per family")
-                sock = socket.socket(family, socket.SOCK_DGRAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind((host, port))
-                except OSError as exc:
-                    sock.close()
-                    raise CyphonicError(
-                        f"TRS cannot listen on {format_endpoint((host, port))}: {exc.strerror}"
-                    ) from exc
+                sock = bind_udp(host, port, "TRS")
                 bound = sock.getsockname()
                 transport, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), sock=sock)
                 self.transports[fam] = transport
