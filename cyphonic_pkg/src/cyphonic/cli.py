@@ -271,11 +271,18 @@ def _socket_for(args: argparse.Namespace) -> Path:
         return Path(args.socket)
     if args.config:
         path = Path(args.config)
+        from cyphonic.config import load_identity_config
+
         try:
-            return load_node_config(path).status_socket
+            return load_identity_config(path).status_socket
         except ConfigError:
             return load_cloud_config(path).status_socket
-    for candidate in ("/run/cyphonic/node.sock", "/run/cyphonic/cloud.sock"):
+    for candidate in (
+        "/run/cyphonic/node.sock",
+        "/run/cyphonic/adapter.sock",
+        "/run/cyphonic/cloud.sock",
+        "/run/cyphonic/trs.sock",
+    ):
         if Path(candidate).exists():
             return Path(candidate)
     return Path("/run/cyphonic/node.sock")

@@ -255,7 +255,7 @@ def load_adapter_config(path: Path) -> AdapterConfig:
         gn_port_base=ad.port("gn_port_base", NODE_PORT + 1),
         lease_time=ad.conv("lease_time", int, _lease_time, 3600),
         refresh_interval=ad.positive("refresh_interval", float, 60.0),
-        ra_interval=ad.positive("ra_interval", float, 200.0),
+        ra_interval=ad.conv("ra_interval", float, _ra_interval, 200.0),
     )
     doc.finish()
     return cfg
@@ -273,6 +273,12 @@ def load_identity_config(path: Path) -> NodeConfig:
     if "adapter" in doc.data:
         return load_adapter_config(path).node
     return load_node_config(path)
+
+
+def _ra_interval(value: float) -> float:
+    if not 10.0 <= value <= 1800.0:
+        raise ValueError("must be between 10 and 1800 s (RFC 4861 MaxRtrAdvInterval)")
+    return value
 
 
 def _lease_time(value: int) -> int:

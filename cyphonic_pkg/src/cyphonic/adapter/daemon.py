@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from cyphonic.adapter.arp_proxy import ArpProxy
 from cyphonic.adapter.dhcpv4 import Dhcp4Server
 from cyphonic.adapter.dhcpv6 import Dhcp6Server
@@ -62,6 +64,19 @@ ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 TABLE_BASE = 20000  # policy-routing tables/rule priorities: TABLE_BASE + GN index
 NFT_TABLE = "cyphonic_adapter"
+
+
+GN_START_TIMEOUT = 20.0
+CERT_RENEW_BEFORE = 30 * 86400.0
+
+
+def _cert_usable(path: Path, now: float) -> bool:
+    """A GN certificate that exists and is not within 30 days of expiry."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return cert.not_valid_after_utc.timestamp() - now > CERT_RENEW_BEFORE
 
 
 def _sysctl(name: str, value: str) -> None:
@@ -193,6 +208,10 @@ class AdapterDaemon:
         # ARP on the downlink is the ARP proxy's: the kernel must not answer unknown MACs
         _sysctl(f"net.ipv4.conf.{dl}.arp_ignore", "8")
         _sysctl("net.ipv4.conf.all.send_redirects", "0")
+        # strict reverse-path filtering would drop what the tunnels deliver (the peer VIPs'
+        # route points at the downlink, not at the GN's TUN): loose mode
+        if Path("/proc/sys/net/ipv4/conf/all/rp_filter").read_text().strip() == "1":
+            _sysctl("net.ipv4.conf.all.rp_filter", "2")
         _run(["ip", "link", "set", dl, "up", "allmulticast", "on"])  # RS, NS, DHCPv6 groups
         _run(["ip", "addr", "replace", f"{a.router4}/{a.pool4.prefixlen}", "dev", dl])
         _run(["ip", "addr", "replace", f"{a.dns6}/{a.pool6.prefixlen}", "dev", dl, "nodad"])
@@ -206,7 +225,12 @@ class AdapterDaemon:
         assert a is not None
         dl = self.cfg.downlink
         dhcp4 = Dhcp4Server(
-            self.table, a, self.leases, lease_time=self.cfg.lease_time, domain=self.cfg.node.domain
+            self.table,
+            a,
+            self.leases,
+            lease_time=self.cfg.lease_time,
+            domain=self.cfg.node.domain,
+            mtu=self.cfg.node.mtu,
         )
         arp = ArpProxy(self.table, a)
         ra = RaSender(
@@ -282,20 +306,25 @@ class AdapterDaemon:
                 log.info("general node %s (%s) removed", mac, old.cfg.fqdn)
                 await old.stop()
                 del self.gn_daemons[mac]
+                # its certificate died with the record on AS: enroll afresh if re-added
+                (self._gn_dir(mac) / "node.crt").unlink(missing_ok=True)
         self.table.replace(nodes)
         await asyncio.to_thread(self._apply_filter)
+        failed = 0
         for gn in nodes:
             if gn.mac not in self.gn_daemons:
                 try:
                     await self._start_gn(gn)
-                except CyphonicError as exc:
+                except (CyphonicError, TimeoutError) as exc:
+                    failed += 1
                     log.warning("general node %s (%s) not started: %s", gn.mac, gn.fqdn, exc)
-        self.generation = generation
+        if not failed:  # otherwise the next refresh tries the failed ones again
+            self.generation = generation
 
     async def _start_gn(self, gn: GeneralNode) -> None:
         node = self.cfg.node
         gdir = self._gn_dir(gn.mac)
-        if not (gdir / "node.crt").exists():
+        if not _cert_usable(gdir / "node.crt", time.time()):
             await gn_enroll(
                 node.as_host, node.as_port, node.ca_cert, node.state_dir, gdir, gn.fqdn, node.domain
             )
@@ -315,7 +344,13 @@ class AdapterDaemon:
             status_socket=gdir / "unused.sock",
         )
         daemon = NodeDaemon(cfg, general_node=GeneralNodeMode(self.cfg.downlink, TABLE_BASE + i))
-        await daemon.start()
+        try:
+            # one GN that cannot log in must not hold up the others (or the resolver)
+            await asyncio.wait_for(daemon.start(), GN_START_TIMEOUT)
+        except (TimeoutError, CyphonicError):
+            await daemon.stop()
+            (gdir / "node.crt").unlink(missing_ok=True)  # e.g. superseded: re-enroll next time
+            raise
         self.gn_daemons[gn.mac] = daemon
 
     async def _refresh_loop(self) -> None:
