@@ -303,7 +303,7 @@ class NodeDaemon:
         return [
             ep
             for ep in self.nms
-            if (fam := 6 if ":" in ep[0] else 4) in self.socks and (fam in families or not families)
+            if (fam := 6 if ":" in ep[0] else 4) in self.socks and fam in families
         ]
 
     async def _real_addresses(self) -> tuple[str, ...]:
@@ -413,7 +413,11 @@ class NodeDaemon:
         while True:
             self._move_again = False
             new = await self._real_addresses()
-            if new != self.addresses and self.registered:
+            if not new:
+                # between leaving one network and joining the next (break before make):
+                # nothing to register with yet; the next address event brings us back
+                self.addresses = new
+            elif new != self.addresses and (self.registered or not self.addresses):
                 await self._moved(new)
             if not self._move_again:
                 return
