@@ -22,8 +22,8 @@ import datetime as dt
 import itertools
 import json
 import os
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,8 +85,11 @@ def fallback_and_optimise(lab: OverlayLab, mn: str, cn: str) -> tuple[float, flo
 def handover_gaps(lab: OverlayLab, moves: int) -> list[float]:
     lab.topo.run("a1", ["ping", "-c", "1", "-W", "2", "p.cyphonic.test"])
     vip = lab.status("a1")["vip4"]
-    pinger = lab.topo.popen("p", ["ping", "-D", "-i", "0.01", "-W", "1", vip],
-                            stdout=subprocess.PIPE, text=True)
+    # ping writes to a file: a pipe nobody reads fills up after ~700 lines and stalls ping
+    out_file = lab.workdir / "handover-ping.txt"
+    pinger = lab.topo.popen(
+        "p", ["ping", "-D", "-i", "0.01", "-W", "1", vip], stdout=out_file.open("w"), text=True
+    )
     marks = []
     try:
         time.sleep(1)
@@ -100,10 +103,14 @@ def handover_gaps(lab: OverlayLab, moves: int) -> list[float]:
                 lab.topo.connect("a1", "lra", v4="10.10.1.10")
             time.sleep(3)
     finally:
-        pinger.terminate()
-    out, _ = pinger.communicate(timeout=10)
-    stamps = [float(line[1:line.index("]")]) for line in out.splitlines()
-              if line.startswith("[") and "bytes from" in line]
+        pinger.send_signal(signal.SIGINT)  # ping flushes its output and exits
+        pinger.wait(timeout=10)
+    out = out_file.read_text()
+    stamps = [
+        float(line[1 : line.index("]")])
+        for line in out.splitlines()
+        if line.startswith("[") and "bytes from" in line
+    ]
     gaps = []
     for m in marks:  # the longest silence in the 3 s after each move
         window = [s for s in stamps if m - 0.5 <= s <= m + 3]
@@ -132,9 +139,15 @@ def main() -> int:
         RouterSpec("ra", "198.51.100.2", None, lan_v4="10.10.1.0/24"),
         RouterSpec("rc", "198.51.100.4", None, lan_v4="10.10.3.0/24"),
     ]
-    lab = OverlayLab(prefix=f"cyn{os.getpid() % 10000}", replace_stale=True, trs=True,
-                     workdir=Path(tempfile.mkdtemp(prefix="cyphonic-bench-")),
-                     nodes=nodes, routers=routers, log=log)
+    lab = OverlayLab(
+        prefix=f"cyn{os.getpid() % 10000}",
+        replace_stale=True,
+        trs=True,
+        workdir=Path(tempfile.mkdtemp(prefix="cyphonic-bench-")),
+        nodes=nodes,
+        routers=routers,
+        log=log,
+    )
     r: dict[str, Any] = {}
     try:
         lab.build()
@@ -171,17 +184,19 @@ def main() -> int:
         raise
     finally:
         lab.destroy()
-    table = "\n".join([
-        "| figure | this machine (median) |",
-        "|---|---|",
-        f"| time to fall back to TRS (punch fails) | {r['fallback_ms']:.0f} ms |",
-        f"| relayed -> direct once the punch works | {r['optimise_ms']:.0f} ms |",
-        f"| handover gap (move, 10 ms pings) | {r['handover_gap_ms']:.0f} ms "
-        f"(max {r['handover_gap_ms_max']:.0f}) |",
-        f"| TCP direct | {r['tcp_mbit']['direct']:.0f} Mbit/s |",
-        f"| TCP relayed (TRS) | {r['tcp_mbit']['relayed']:.0f} Mbit/s "
-        f"({r['tcp_mbit']['ratio']:.2f}x direct) |",
-    ])
+    table = "\n".join(
+        [
+            "| figure | this machine (median) |",
+            "|---|---|",
+            f"| time to fall back to TRS (punch fails) | {r['fallback_ms']:.0f} ms |",
+            f"| relayed -> direct once the punch works | {r['optimise_ms']:.0f} ms |",
+            f"| handover gap (move, 10 ms pings) | {r['handover_gap_ms']:.0f} ms "
+            f"(max {r['handover_gap_ms_max']:.0f}) |",
+            f"| TCP direct | {r['tcp_mbit']['direct']:.0f} Mbit/s |",
+            f"| TCP relayed (TRS) | {r['tcp_mbit']['relayed']:.0f} Mbit/s "
+            f"({r['tcp_mbit']['ratio']:.2f}x direct) |",
+        ]
+    )
     print(table)
     if not args.quick:
         out = HERE / "results"
@@ -190,7 +205,8 @@ def main() -> int:
         stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
         stem.with_suffix(".md").write_text(
             f"# Inter-connectivity benchmark, {r['date']}\n\nAll namespaces on one 2-core "
-            f"machine; route optimisation probes every 2 s, punch timeout 1 s.\n\n{table}\n")
+            f"machine; route optimisation probes every 2 s, punch timeout 1 s.\n\n{table}\n"
+        )
         log(f"wrote {stem}.md and .json")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -168,8 +169,10 @@ def test_mobility_tcp_survives_moves(lab: OverlayLab) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    # to a file: a pipe read only at the end fills up after ~700 lines and stalls ping
+    ping_file = lab.workdir / "mobility-ping.txt"
     pinger = lab.topo.popen(
-        "p", ["ping", "-D", "-i", "0.01", "-W", "1", a1_vip], stdout=subprocess.PIPE, text=True
+        "p", ["ping", "-D", "-i", "0.01", "-W", "1", a1_vip], stdout=ping_file.open("w")
     )
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
@@ -192,11 +195,12 @@ def test_mobility_tcp_survives_moves(lab: OverlayLab) -> None:
         sent = client.stdout.readline().split()
         assert server.stdout.readline().split() == sent, "transfer corrupted or reset"
     finally:
-        for proc in (server, pinger):
-            if proc.poll() is None:
-                proc.terminate()
-    out, _ = pinger.communicate(timeout=10)
-    gap = max_gap(out)
+        if server.poll() is None:
+            server.terminate()
+        if pinger.poll() is None:
+            pinger.send_signal(signal.SIGINT)  # ping flushes its output and exits
+        pinger.wait(timeout=10)
+    gap = max_gap(ping_file.read_text())
     st = lab.status("a1")
     assert st["moves"] >= 2
     print(f"mobility: 2 moves, longest gap in 10 ms pings {gap:.0f} ms", file=sys.stderr)

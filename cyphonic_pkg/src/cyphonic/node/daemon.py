@@ -601,6 +601,12 @@ class NodeDaemon:
         peer.route_selection_ms = route_ms
         if peer.current is None or peer.role == Role.INITIATOR:
             peer.ready.clear()
+            if peer.initiator is not None:
+                # a handshake of the previous session (a rekey, a retry) is still pending:
+                # this is a new session, so start afresh -- otherwise the new attempt would
+                # inherit the old one's start time and be abandoned at once
+                self.pending_index.pop(peer.initiator.local_index, None)
+                peer.initiator = None
             self._start_handshake(peer, time.monotonic())
             await asyncio.wait_for(peer.ready.wait(), self.cfg.handshake_timeout)
         return peer
