@@ -115,9 +115,12 @@ def dhclient(lab: OverlayLab, gn: str, family: int, want: str) -> float:
     d.mkdir(exist_ok=True)
     ifname = lab.topo.host(gn).ifname
     t0 = time.monotonic()
-    lab.topo.popen(gn, ["dhclient", f"-{family}", "-d", "-lf", str(d / "leases"), "-pf",
-                        str(d / "pid"), ifname], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    lab.topo.popen(
+        gn,
+        ["dhclient", f"-{family}", "-d", "-lf", str(d / "leases"), "-pf", str(d / "pid"), ifname],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while time.monotonic() - t0 < 30:
         if f" {want}/" in lab.topo.run(gn, ["ip", f"-{family}", "-o", "addr"]).stdout:
             return (time.monotonic() - t0) * 1000
@@ -135,10 +138,13 @@ def main() -> int:
     reps = 3 if args.quick else 10
     gns = [GeneralNodeSpec(f"g{i}", f"02:00:00:00:10:{i:02x}") for i in range(1, 3)]
     lab = OverlayLab(
-        prefix=f"cyq{os.getpid() % 10000}", replace_stale=True,
+        prefix=f"cyq{os.getpid() % 10000}",
+        replace_stale=True,
         workdir=Path(tempfile.mkdtemp(prefix="cyphonic-bench-")),
-        nodes=[NodeSpec(f"n{i}", f"198.51.100.{20 + i}", f"2001:db8:100::{20 + i:x}")
-               for i in range(1, 1 + (2 if args.quick else 6))],
+        nodes=[
+            NodeSpec(f"n{i}", f"198.51.100.{20 + i}", f"2001:db8:100::{20 + i:x}")
+            for i in range(1, 1 + (2 if args.quick else 6))
+        ],
         adapters=[AdapterSpec("ad1", "198.51.100.30", "2001:db8:100::30", general_nodes=gns)],
         log=log,
     )
@@ -154,32 +160,68 @@ def main() -> int:
         first4, first6, again4, again6 = [], [], [], []
         nodes = [n for n in lab.nodes]
         for n in nodes:
-            first4 += nums(lab.topo.run("g1", [sys.executable, "-c", DNS_PROBE, "10.64.0.1",
-                                               n.fqdn, "1", "1"]).stdout)
-            again4 += nums(lab.topo.run("g1", [sys.executable, "-c", DNS_PROBE, "10.64.0.1",
-                                               n.fqdn, "1", str(reps)]).stdout)
-            first6 += nums(lab.topo.run("g2", [sys.executable, "-c", DNS_PROBE, "fd43:5950::1",
-                                               n.fqdn, "28", "1"]).stdout)
-            again6 += nums(lab.topo.run("g2", [sys.executable, "-c", DNS_PROBE, "fd43:5950::1",
-                                               n.fqdn, "28", str(reps)]).stdout)
+            first4 += nums(
+                lab.topo.run(
+                    "g1", [sys.executable, "-c", DNS_PROBE, "10.64.0.1", n.fqdn, "1", "1"]
+                ).stdout
+            )
+            again4 += nums(
+                lab.topo.run(
+                    "g1", [sys.executable, "-c", DNS_PROBE, "10.64.0.1", n.fqdn, "1", str(reps)]
+                ).stdout
+            )
+            first6 += nums(
+                lab.topo.run(
+                    "g2", [sys.executable, "-c", DNS_PROBE, "fd43:5950::1", n.fqdn, "28", "1"]
+                ).stdout
+            )
+            again6 += nums(
+                lab.topo.run(
+                    "g2", [sys.executable, "-c", DNS_PROBE, "fd43:5950::1", n.fqdn, "28", str(reps)]
+                ).stdout
+            )
         log("ARP and NS -> NA proxy response times")
         n1 = lab.status(nodes[0].name)
-        arp = nums(lab.topo.run("g1", [sys.executable, "-c", ARP_PROBE,
-                                       lab.topo.host("g1").ifname, g4["vip4"], n1["vip4"],
-                                       str(reps * 3)]).stdout)
-        nd = nums(lab.topo.run("g2", [sys.executable, "-c", NS_PROBE,
-                                      lab.topo.host("g2").ifname, n1["vip6"],
-                                      str(reps * 3)]).stdout)
+        arp = nums(
+            lab.topo.run(
+                "g1",
+                [
+                    sys.executable,
+                    "-c",
+                    ARP_PROBE,
+                    lab.topo.host("g1").ifname,
+                    g4["vip4"],
+                    n1["vip4"],
+                    str(reps * 3),
+                ],
+            ).stdout
+        )
+        nd = nums(
+            lab.topo.run(
+                "g2",
+                [
+                    sys.executable,
+                    "-c",
+                    NS_PROBE,
+                    lab.topo.host("g2").ifname,
+                    n1["vip6"],
+                    str(reps * 3),
+                ],
+            ).stdout
+        )
         log("ping RTT general node -> node")
-        out4 = lab.topo.run("g1", ["ping", "-c", str(reps * 5), "-i", "0.05", "-q",
-                                   n1["vip4"]]).stdout
-        out6 = lab.topo.run("g2", ["ping", "-6", "-c", str(reps * 5), "-i", "0.05", "-q",
-                                   n1["vip6"]]).stdout
+        out4 = lab.topo.run(
+            "g1", ["ping", "-c", str(reps * 5), "-i", "0.05", "-q", n1["vip4"]]
+        ).stdout
+        out6 = lab.topo.run(
+            "g2", ["ping", "-6", "-c", str(reps * 5), "-i", "0.05", "-q", n1["vip6"]]
+        ).stdout
         rtt4 = float(re.search(r"= [\d.]+/([\d.]+)/", out4).group(1))  # type: ignore[union-attr]
         rtt6 = float(re.search(r"= [\d.]+/([\d.]+)/", out6).group(1))  # type: ignore[union-attr]
         med = statistics.median
         r = {
-            "date": dt.date.today().isoformat(), "quick": args.quick,
+            "date": dt.date.today().isoformat(),
+            "quick": args.quick,
             "link_up_to_address_ms": {"v4": up4, "v6": up6},
             "dns_first_ms": {"v4": med(first4), "v6": med(first6)},
             "dns_repeated_ms": {"v4": med(again4), "v6": med(again6)},
@@ -192,20 +234,22 @@ def main() -> int:
         raise
     finally:
         lab.destroy()
-    table = "\n".join([
-        "| figure (at the general node) | this machine, IPv6 / IPv4 (median) | paper, RPi 4 |",
-        "|---|---|---|",
-        f"| link-up -> configured VIP | {r['link_up_to_address_ms']['v6']:.0f} / "
-        f"{r['link_up_to_address_ms']['v4']:.0f} ms | - |",
-        f"| DNS, first query (route selection + tunnel) | {r['dns_first_ms']['v6']:.2f} / "
-        f"{r['dns_first_ms']['v4']:.2f} ms | {PAPER['dns_first_ms']} ms |",
-        f"| DNS, repeated | {r['dns_repeated_ms']['v6']:.2f} / "
-        f"{r['dns_repeated_ms']['v4']:.2f} ms | - |",
-        f"| NS->NA / ARP proxy | {r['proxy_ms']['nd']:.3f} / {r['proxy_ms']['arp']:.3f} ms | "
-        f"{PAPER['proxy_ms']} ms |",
-        f"| ping RTT GN -> node | {r['rtt_ms']['v6']:.3f} / {r['rtt_ms']['v4']:.3f} ms | "
-        f"{PAPER['rtt_ms']} ms |",
-    ])
+    table = "\n".join(
+        [
+            "| figure (at the general node) | this machine, IPv6 / IPv4 (median) | paper, RPi 4 |",
+            "|---|---|---|",
+            f"| link-up -> configured VIP | {r['link_up_to_address_ms']['v6']:.0f} / "
+            f"{r['link_up_to_address_ms']['v4']:.0f} ms | - |",
+            f"| DNS, first query (route selection + tunnel) | {r['dns_first_ms']['v6']:.2f} / "
+            f"{r['dns_first_ms']['v4']:.2f} ms | {PAPER['dns_first_ms']} ms |",
+            f"| DNS, repeated | {r['dns_repeated_ms']['v6']:.2f} / "
+            f"{r['dns_repeated_ms']['v4']:.2f} ms | - |",
+            f"| NS->NA / ARP proxy | {r['proxy_ms']['nd']:.3f} / {r['proxy_ms']['arp']:.3f} ms | "
+            f"{PAPER['proxy_ms']} ms |",
+            f"| ping RTT GN -> node | {r['rtt_ms']['v6']:.3f} / {r['rtt_ms']['v4']:.3f} ms | "
+            f"{PAPER['rtt_ms']} ms |",
+        ]
+    )
     print(table)
     if not args.quick:
         out = HERE / "results"
@@ -215,7 +259,8 @@ def main() -> int:
         stem.with_suffix(".md").write_text(
             f"# Adapter benchmark, {r['date']}\n\nMeasured at the general node (a namespace "
             "running ISC dhclient); the paper's column is a Raspberry Pi 4 adapter (other "
-            f"hardware).  Proxy times include the GN's own socket round trip.\n\n{table}\n")
+            f"hardware).  Proxy times include the GN's own socket round trip.\n\n{table}\n"
+        )
         log(f"wrote {stem}.md and .json")
     return 0
 

@@ -61,8 +61,12 @@ def iperf_tcp(lab: OverlayLab, client: str, dst: str, seconds: int) -> float:
     """One iperf3 TCP run against the server already listening on ``dst``."""
     last = ""
     for _ in range(50):
-        r = lab.topo.run(client, ["iperf3", "-c", dst, "-t", str(seconds), "-J"],
-                         check=False, timeout=seconds + 60)
+        r = lab.topo.run(
+            client,
+            ["iperf3", "-c", dst, "-t", str(seconds), "-J"],
+            check=False,
+            timeout=seconds + 60,
+        )
         try:
             data = json.loads(r.stdout)
         except ValueError:
@@ -75,8 +79,12 @@ def iperf_tcp(lab: OverlayLab, client: str, dst: str, seconds: int) -> float:
 
 
 def iperf_servers(lab: OverlayLab, host: str, addrs: list[str]) -> list[subprocess.Popen[bytes]]:
-    return [lab.topo.popen(host, ["iperf3", "-s", "-B", a], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL) for a in addrs]
+    return [
+        lab.topo.popen(
+            host, ["iperf3", "-s", "-B", a], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for a in addrs
+    ]
 
 
 def main() -> int:
