@@ -85,7 +85,7 @@ class Cloud:
         nms: dict[str, Any] = {}
         if self.nms:
             c = self.nms.core.counters
-            nms = {k: v for k, v in vars(c).items() if k != "extra"}
+            nms = dict(vars(c))
             nms["pending_directions"] = len(self.nms.core.pending)
             if self.nms.core.registry is not None:
                 nms["trs"] = self.nms.core.registry.status(time.time())

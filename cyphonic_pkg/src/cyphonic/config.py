@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TypeVar
@@ -219,7 +219,6 @@ class NodeConfig:
     handshake_timeout: float
     rekey_after: float
     log_level: str = "info"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_node_config(path: Path) -> NodeConfig:

@@ -461,6 +461,7 @@ class AdapterDaemon:
             "registered": self.generation >= 0
             and all(d.registered for d in self.gn_daemons.values()),
             "generation": self.generation,
+            "refresh_errors": self.refresh_errors,
             "general_nodes": gns,
             "services": services,
             "filter": self._filter_counters(),

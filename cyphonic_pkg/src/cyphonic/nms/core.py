@@ -25,7 +25,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cyphonic.crypto.channel import SignalingChannel
 from cyphonic.errors import CryptoError, DecodeError
@@ -80,7 +80,6 @@ class NmsCounters:
     keepalives: int = 0
     directions: int = 0
     direction_errors: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class NmsCore:
@@ -117,7 +116,6 @@ class NmsCore:
         self._last_flush = 0.0
         self.last_seen: dict[int, float] = {}
         self.started = time.time()
-        self.durations: list[float] = []  # route selection times (s), for bench/status
 
     # -- entry points -----------------------------------------------------------------
 
@@ -330,7 +328,6 @@ class NmsCore:
         cached = self.answers.get(request)
         if cached is not None:
             return [Outgoing(ch.seal(cached), src)]
-        started = time.perf_counter()
         if msg.vip is not None:
             fqdn = msg.vip
             cn_node = self.store.get_node_by_vip(msg.vip)
@@ -421,8 +418,6 @@ class NmsCore:
         )
         self.pending[session_id] = p
         self.pending_by_request[request] = session_id
-        self.durations.append(time.perf_counter() - started)
-        del self.durations[:-1000]
         log.info(
             "direction %s -> %s: %s (%s)",
             mn_node.fqdn,

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -94,7 +94,6 @@ class Counters:
     send_errors: int = 0
     punches: int = 0
     relay_dropped: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class NodeDaemon:
@@ -666,7 +665,7 @@ class NodeDaemon:
             now,
             policy=self.policy,
         )
-        peer.handshake_sent = time.perf_counter()  # type: ignore[attr-defined]
+        peer.handshake_sent = time.perf_counter()
         self.pending_index[index] = peer
         self._send_to_peer(peer, peer.initiator.create_init())
 
@@ -724,9 +723,8 @@ class NodeDaemon:
             self.counters.handshake_failed += 1
             log.debug("tunnel response from %s refused: %s", format_endpoint(src), exc)
             return
-        sent = getattr(peer, "handshake_sent", None)
-        if sent is not None and peer.tunnel_establishment_ms is None:
-            peer.tunnel_establishment_ms = (time.perf_counter() - sent) * 1000
+        if peer.tunnel_establishment_ms is None:
+            peer.tunnel_establishment_ms = (time.perf_counter() - peer.handshake_sent) * 1000
         del self.pending_index[receiver]
         peer.initiator = None
         if relay is None:
@@ -1044,10 +1042,11 @@ class NodeDaemon:
             "tun": self.tun.name if self.tun else None,
             "addresses": list(self.addresses),
             "moves": self.moves,
+            "last_move_ms": self.last_move_ms,
             "uptime": round(time.time() - self.started, 1),
             "peers": [p.status() for p in self.peers.values()],
             "counters": {
-                **{k: v for k, v in vars(self.counters).items() if k != "extra"},
+                **vars(self.counters),
                 "signaling": dict(self.client.counters) if self.client else {},
                 "resolver": dict(self.resolver.counters) if self.resolver else {},
             },

@@ -32,6 +32,7 @@ class Peer:
     next: Keypair | None = None  # responder side, until the initiator's first data confirms it
     initiator: Initiator | None = None
     handshake_started: float = 0.0
+    handshake_sent: float = 0.0  # perf_counter of the latest Tunnel Request (for the figure)
     handshake_attempt: int = 0
     last_init_timestamp: bytes | None = None
     last_handshake: float | None = None  # wall clock, for status
